@@ -1,0 +1,1 @@
+"""RegStation engine: headless registration, I/O and evaluation (no Qt, VTK or pyqtgraph)."""
