@@ -1,0 +1,225 @@
+"""Command-line interface: argument parsing -> the same engine functions the GUI calls.
+
+    main.py register FIXED MOVING --paradigm KEY --out DIR [options]
+    main.py evaluate --pairs PAIRS.csv --paradigm KEY --out DIR [options]
+    main.py train --paradigm KEY --out FILE [--steps N] [--param NAME=VALUE ...]
+    main.py info FILE
+    main.py convert INPUT OUTPUT
+
+Errors print one line (``error: ...``) on stderr and exit with status 1 (2 for usage errors);
+Ctrl+C cancels cleanly (status 130) without leaving partial files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from pathlib import Path
+
+
+class _Bar:
+    """A tqdm progress bar fed by engine Progress callbacks (fraction 0..1, or iterations)."""
+
+    def __init__(self, desc: str, enabled: bool = True):
+        from tqdm import tqdm
+        self._bar = tqdm(total=1000, desc=desc, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}",
+                         disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        self._last = 0
+
+    def __call__(self, p) -> None:
+        if p.fraction is not None:
+            n = int(max(0.0, min(1.0, p.fraction)) * 1000)
+            if n > self._last:
+                self._bar.update(n - self._last)
+                self._last = n
+        post = f"{p.stage} it {p.iteration}"
+        if p.loss == p.loss:  # not NaN
+            post += f" loss {p.loss:.4g}"
+        self._bar.set_postfix_str(post, refresh=False)
+
+    def close(self):
+        self._bar.close()
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--paradigm", required=True, help="paradigm key (see `main.py info --paradigms`)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint", help="model checkpoint for learned paradigms (default: the bundled one)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="paradigm parameter")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="main.py", description="RegStation: medical image registration")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("register", help="register one pair")
+    r.add_argument("fixed")
+    r.add_argument("moving")
+    _add_common(r)
+    for opt in ("--fixed-labels", "--moving-labels", "--fixed-landmarks", "--moving-landmarks"):
+        r.add_argument(opt)
+
+    e = sub.add_parser("evaluate", help="register every pair of a PAIRS.csv and tabulate metrics")
+    e.add_argument("--pairs", required=True, help="CSV: fixed,moving,fixed_labels,moving_labels,fixed_landmarks,moving_landmarks")
+    _add_common(e)
+
+    t = sub.add_parser("train", help="train a learned paradigm")
+    t.add_argument("--paradigm", required=True)
+    t.add_argument("--out", required=True, help="checkpoint file to write")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--resume", help="checkpoint to resume from")
+    t.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="training option (see --list-options)")
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    t.add_argument("--no-progress", action="store_true")
+
+    i = sub.add_parser("info", help="describe an image, label map, transform or landmark file; or list paradigms")
+    i.add_argument("file", nargs="?")
+    i.add_argument("--paradigms", action="store_true", help="list paradigms and their parameters")
+
+    c = sub.add_parser("convert", help="convert an image between formats (NIfTI, NRRD, MHA, DICOM folder in)")
+    c.add_argument("input")
+    c.add_argument("output")
+    return ap
+
+
+def _cmd_register(a) -> int:
+    from .engine import io
+    from .engine.evaluation import register_and_measure, write_registration
+    from .engine.paradigms import parse_param_args
+    params = parse_param_args(a.param)
+    fixed = io.read_volume(a.fixed)
+    moving = io.read_volume(a.moving)
+    fl = io.read_labels(a.fixed_labels, reference=fixed) if a.fixed_labels else None
+    ml = io.read_labels(a.moving_labels) if a.moving_labels else None
+    fp = io.read_landmarks(a.fixed_landmarks) if a.fixed_landmarks else None
+    mp = io.read_landmarks(a.moving_landmarks) if a.moving_landmarks else None
+    bar = _Bar(f"register [{a.paradigm}]", not a.no_progress)
+    try:
+        result, m = register_and_measure(a.paradigm, fixed, moving, params, fixed_labels=fl, moving_labels=ml,
+                                         fixed_points=fp, moving_points=mp, checkpoint=a.checkpoint,
+                                         device=a.device, progress=bar, cancel=_cancel_event())
+    finally:
+        bar.close()
+    write_registration(a.out, result, m)
+    _print_summary(m)
+    return 0
+
+
+def _print_summary(m: dict) -> None:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    b = m.get("before", {})
+    print(f"Dice {f(b.get('dice_mean'), '.4f')} -> {f(m.get('dice_mean'), '.4f')} | "
+          f"HD95 {f(b.get('hd95_mean'), '.2f')} -> {f(m.get('hd95_mean'), '.2f')} mm | "
+          f"TRE {f(b.get('tre_mean_mm'), '.2f')} -> {f(m.get('tre_mean_mm'), '.2f')} mm | "
+          f"fold {100 * m.get('fold_fraction', 0):.3f} % | SDlogJ {f(m.get('sdlogj'), '.3f')} | "
+          f"{m.get('runtime_s', 0):.1f} s on {m.get('device')}")
+
+
+_CANCEL = threading.Event()
+
+
+def _cancel_event() -> threading.Event:
+    return _CANCEL
+
+
+def _cmd_evaluate(a) -> int:
+    from .engine import io
+    from .engine.evaluation import evaluate_pairs
+    from .engine.paradigms import parse_param_args
+    pairs = io.read_pairs_csv(a.pairs)
+    if not pairs:
+        raise ValueError(f"{a.pairs} lists no pairs")
+    from tqdm import tqdm
+    bar = tqdm(total=len(pairs), desc=f"evaluate [{a.paradigm}]", unit="pair", file=sys.stderr,
+               disable=a.no_progress, dynamic_ncols=True)
+
+    def on_pair(i, row):
+        bar.update(1)
+        bar.set_postfix_str(f"Dice {row['dice_mean'] if row['dice_mean'] is None else round(row['dice_mean'], 3)}")
+
+    try:
+        rows, summary = evaluate_pairs(pairs, a.paradigm, parse_param_args(a.param), checkpoint=a.checkpoint,
+                                       device=a.device, out_dir=a.out, cancel=_cancel_event(), on_pair=on_pair)
+    finally:
+        bar.close()
+    _print_summary(summary)
+    return 0
+
+
+def _cmd_train(a) -> int:
+    from .engine import training
+    from .engine.paradigms import make_params, parse_param_args
+    over = parse_param_args(a.param)
+    over.update(paradigm=a.paradigm, out=a.out, device=a.device)
+    if a.steps is not None:
+        over["steps"] = a.steps
+    if a.resume:
+        over["resume"] = a.resume
+    cfg = make_params(training.TrainConfig, over)
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, desc=f"train [{a.paradigm}]", unit="step", file=sys.stderr,
+               disable=a.no_progress, dynamic_ncols=True)
+
+    def progress(p):
+        if p.iteration > bar.n:
+            bar.update(p.iteration - bar.n)
+        bar.set_postfix_str(p.message or f"loss {p.loss:.4g}", refresh=False)
+
+    try:
+        path = training.train(cfg, progress=progress, cancel=_cancel_event())
+    finally:
+        bar.close()
+    print(f"checkpoint written: {path}")
+    return 0
+
+
+def _cmd_info(a) -> int:
+    if a.paradigms or not a.file:
+        import dataclasses
+        from .engine import paradigms
+        for key in paradigms.available():
+            print(f"{key}: {paradigms.DESCRIPTIONS.get(key, '')}")
+            reg = paradigms.get(key)
+            for f in dataclasses.fields(reg.Params):
+                md = f.metadata
+                extra = f" range {md['range']}" if "range" in md else ""
+                extra += f" choices {'/'.join(map(str, md['choices']))}" if "choices" in md else ""
+                print(f"    {f.name} = {f.default!r}{extra}  {md.get('help', '')}")
+        return 0
+    from .engine import io
+    print(json.dumps(io.describe_file(a.file), indent=1, default=str))
+    return 0
+
+
+def _cmd_convert(a) -> int:
+    from .engine import io
+    v = io.read_volume(a.input)
+    io.write_volume(v, a.output)
+    print(f"wrote {a.output}: {v.describe()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cmd = {"register": _cmd_register, "evaluate": _cmd_evaluate, "train": _cmd_train,
+           "info": _cmd_info, "convert": _cmd_convert}[args.command]
+    from .engine.types import Cancelled
+    try:
+        return cmd(args)
+    except KeyboardInterrupt:
+        _CANCEL.set()
+        print("error: cancelled by the user; nothing was written", file=sys.stderr)
+        return 130
+    except Cancelled as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError, MemoryError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, MemoryError) or "out of memory" in msg.lower():
+            msg = f"out of memory: {msg} (try a smaller grid, --device cpu, or fewer levels)"
+        print(f"error: {msg}", file=sys.stderr)
+        return 1

@@ -1,0 +1,256 @@
+"""Register pairs and measure them: the one code path the CLI and the GUI share.
+
+Metric conventions (Learn2Reg): Dice per label over the non-zero labels present in the *fixed*
+label map (mean ignores nothing: an absent label scores 0); HD95 in mm per label; TRE in mm
+between ``T(fixed landmark)`` and the moving landmark (``T`` maps fixed points to moving points,
+so no inversion is needed); folding = fraction of fixed-grid voxels where the Jacobian determinant
+of the full transform is <= 0; SDlogJ = std of log(det). "before" uses the identity transform in
+physical space (the images as they lie in the scanner's world coordinates).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from . import metrics as M
+from . import paradigms
+from .spatial import jacobian_map, resample, transform_to_field
+from .types import (Cancelled, LabelMap, Landmarks, Progress, ProgressFn, RegistrationResult,
+                    Transform, Volume, check_cancel, params_to_dict)
+
+SUMMARY_KEYS = ("dice_mean", "hd95_mean", "tre_mean_mm", "fold_fraction", "sdlogj", "runtime_s")
+
+
+def _on_fixed_grid(labels: Optional[LabelMap], fixed: Volume) -> Optional[LabelMap]:
+    if labels is None or labels.same_grid(fixed):
+        return labels
+    return resample(labels, fixed, None, "nearest")
+
+
+def _finite(x) -> Optional[float]:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def transform_metrics(fixed: Volume, moving: Volume, transform: Transform, *,
+                      field: Optional[Volume] = None, fixed_labels: Optional[LabelMap] = None,
+                      moving_labels: Optional[LabelMap] = None, fixed_points: Optional[Landmarks] = None,
+                      moving_points: Optional[Landmarks] = None, warped_labels: Optional[LabelMap] = None,
+                      with_hd95: bool = True) -> dict[str, Any]:
+    """Evaluate one transform (fixed points -> moving points) on one pair.
+
+    Returns a JSON-safe dict with ``dice_mean``, ``dice_per_label`` ({label id (str): Dice}),
+    ``hd95_mean``, ``hd95_per_label``, ``tre_mean_mm``, ``tre_per_point_mm`` (and median/max),
+    ``fold_fraction``, ``sdlogj``; label and landmark metrics are None when the inputs are absent.
+    """
+    out: dict[str, Any] = {"dice_mean": None, "dice_per_label": {}, "hd95_mean": None, "hd95_per_label": {},
+                           "tre_mean_mm": None, "tre_median_mm": None, "tre_max_mm": None, "tre_per_point_mm": []}
+    if fixed_labels is not None and moving_labels is not None:
+        fl = _on_fixed_grid(fixed_labels, fixed)
+        wl = warped_labels if warped_labels is not None else resample(moving_labels, fixed, transform, "nearest")
+        dice = M.dice_per_label(fl.array, wl.array)
+        out["dice_per_label"] = {str(int(k)): round(float(v), 6) for k, v in dice.items()}
+        out["dice_mean"] = _finite(M.summarize_dice(dice)) if dice else None
+        if with_hd95:
+            hd = M.hd95_per_label(fl.array, wl.array, fixed.spacing)
+            out["hd95_per_label"] = {str(int(k)): _finite(v) for k, v in hd.items()}
+            vals = [v for v in hd.values() if np.isfinite(v)]
+            out["hd95_mean"] = float(np.mean(vals)) if vals else None
+    if fixed_points is not None and moving_points is not None:
+        if len(fixed_points) != len(moving_points):
+            raise ValueError(f"fixed and moving landmarks differ in count: {len(fixed_points)} vs {len(moving_points)}")
+        t = M.tre(transform.transform_points(fixed_points.points), moving_points.points)
+        out.update(tre_mean_mm=float(t["mean"]), tre_median_mm=float(t["median"]), tre_max_mm=float(t["max"]),
+                   tre_per_point_mm=[round(float(v), 6) for v in t["per_point"]])
+    if transform.kind == "identity":
+        out.update(fold_fraction=0.0, sdlogj=0.0)
+    else:
+        fld = field if field is not None else transform_to_field(transform, fixed)
+        js = M.jacobian_stats(jacobian_map(fld).array)
+        out.update(fold_fraction=float(js["fold_fraction"]), sdlogj=_finite(js["sdlogj"]))
+    return out
+
+
+def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, params=None, *,
+                         fixed_labels: Optional[LabelMap] = None, moving_labels: Optional[LabelMap] = None,
+                         fixed_points: Optional[Landmarks] = None, moving_points: Optional[Landmarks] = None,
+                         checkpoint=None, device: str = "auto", progress: Optional[ProgressFn] = None,
+                         cancel: Optional[threading.Event] = None,
+                         with_hd95: bool = True) -> tuple[RegistrationResult, dict[str, Any]]:
+    """Run paradigm ``paradigm_key`` on one pair and measure it before and after.
+
+    ``params`` is a Params instance, a dict of overrides (strings are parsed) or None (defaults).
+    Raises ValueError on bad input, :class:`~app.engine.types.Cancelled` when cancelled.
+    """
+    if fixed_points is not None and moving_points is not None and len(fixed_points) != len(moving_points):
+        raise ValueError(f"fixed and moving landmarks differ in count: {len(fixed_points)} vs {len(moving_points)}")
+    registrar = paradigms.get(paradigm_key)
+    if params is None or isinstance(params, dict):
+        params = paradigms.make_params(registrar.Params, params or {})
+    else:
+        paradigms.validate_params(params)
+    fixed_labels = _on_fixed_grid(fixed_labels, fixed)
+    check_cancel(cancel)
+    t0 = time.perf_counter()
+    result = registrar.register(fixed, moving, params, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                                fixed_points=fixed_points, moving_points=moving_points, checkpoint=checkpoint,
+                                progress=progress, cancel=cancel, device=device)
+    elapsed = time.perf_counter() - t0
+    check_cancel(cancel)
+    if progress:
+        progress(Progress("evaluate", message="measuring Dice, HD95, TRE, Jacobian", fraction=1.0))
+    kw = dict(fixed_labels=fixed_labels, moving_labels=moving_labels, fixed_points=fixed_points,
+              moving_points=moving_points, with_hd95=with_hd95)
+    if moving_labels is not None and result.warped_labels is None:
+        result.warped_labels = resample(moving_labels, fixed, result.transform, "nearest")
+    after = transform_metrics(fixed, moving, result.transform, field=result.field,
+                              warped_labels=result.warped_labels, **kw)
+    before = transform_metrics(fixed, moving, Transform.identity(), **kw)
+    m = dict(after)
+    m["runtime_s"] = float(result.timings.get("total", elapsed))
+    m["device"] = result.device
+    m["paradigm"] = paradigm_key
+    m["params"] = params_to_dict(params)
+    m["checkpoint"] = result.checkpoint_id
+    m["before"] = before
+    return result, m
+
+
+# --------------------------------------------------------------------------- batches
+def load_pair(row: dict) -> dict:
+    """Read one PAIRS.csv row (paths) into Volumes / LabelMaps / Landmarks."""
+    from . import io
+    fixed = io.read_volume(row["fixed"])
+    moving = io.read_volume(row["moving"])
+    out = {"fixed": fixed, "moving": moving, "fixed_labels": None, "moving_labels": None,
+           "fixed_points": None, "moving_points": None}
+    if row.get("fixed_labels"):
+        out["fixed_labels"] = io.read_labels(row["fixed_labels"], reference=fixed)
+    if row.get("moving_labels"):
+        out["moving_labels"] = io.read_labels(row["moving_labels"])
+    if row.get("fixed_landmarks"):
+        out["fixed_points"] = io.read_landmarks(row["fixed_landmarks"])
+    if row.get("moving_landmarks"):
+        out["moving_points"] = io.read_landmarks(row["moving_landmarks"])
+    fp, mp = out["fixed_points"], out["moving_points"]
+    if fp is not None and mp is not None and len(fp) != len(mp):
+        raise ValueError(f"landmark files {row['fixed_landmarks']} and {row['moving_landmarks']} "
+                         f"hold {len(fp)} and {len(mp)} points; corresponding landmarks need equal counts")
+    return out
+
+
+def _flat_row(name_fixed: str, name_moving: str, m: dict) -> dict:
+    row = {"fixed": name_fixed, "moving": name_moving}
+    for k in SUMMARY_KEYS:
+        row[k] = m.get(k)
+    row["device"] = m.get("device")
+    for k in SUMMARY_KEYS[:-1]:
+        row[f"before_{k}"] = m["before"].get(k)
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean (and std) of each metric over pairs, ignoring missing values; ``before`` likewise."""
+    def agg(key, src):
+        vals = [r[key] for r in src if r.get(key) is not None]
+        return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
+    s: dict[str, Any] = {"pairs": len(rows)}
+    for k in SUMMARY_KEYS:
+        s[k], s[f"{k}_std"] = agg(k, rows)
+    s["before"] = {}
+    for k in SUMMARY_KEYS[:-1]:
+        s["before"][k], s["before"][f"{k}_std"] = agg(f"before_{k}", rows)
+    s["device"] = rows[0].get("device") if rows else None
+    return s
+
+
+def evaluate_pairs(pairs: list[dict], paradigm_key: str, params=None, *, checkpoint=None,
+                   device: str = "auto", out_dir: str | os.PathLike | None = None,
+                   progress: Optional[ProgressFn] = None, cancel: Optional[threading.Event] = None,
+                   on_pair: Optional[Callable[[int, dict], None]] = None) -> tuple[list[dict], dict]:
+    """Register and measure every pair; optionally write results.csv/json and summary.json.
+
+    ``pairs`` are PAIRS.csv rows (dicts of paths). Returns (rows, summary). Full per-pair metrics
+    (per-label Dice, per-point TRE) are kept in results.json; results.csv holds the flat columns.
+    """
+    rows, full = [], []
+    for i, row in enumerate(pairs):
+        check_cancel(cancel)
+        data = load_pair(row)
+        _, m = register_and_measure(paradigm_key, data["fixed"], data["moving"], params, checkpoint=checkpoint,
+                                    device=device, progress=progress, cancel=cancel,
+                                    fixed_labels=data["fixed_labels"], moving_labels=data["moving_labels"],
+                                    fixed_points=data["fixed_points"], moving_points=data["moving_points"])
+        flat = _flat_row(str(row["fixed"]), str(row["moving"]), m)
+        rows.append(flat)
+        full.append({"fixed": str(row["fixed"]), "moving": str(row["moving"]), **m})
+        if on_pair:
+            on_pair(i, flat)
+    summary = summarize(rows)
+    summary.update(paradigm=paradigm_key, checkpoint=str(checkpoint) if checkpoint else None)
+    if out_dir is not None:
+        write_evaluation(out_dir, rows, full, summary)
+    return rows, summary
+
+
+def write_json(obj, path) -> None:
+    from .io import atomic_path
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_evaluation(out_dir, rows: list[dict], full: list[dict], summary: dict) -> None:
+    from .io import atomic_path
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "results.csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["fixed", "moving"])
+            w.writeheader()
+            w.writerows(rows)
+    write_json(full, out / "results.json")
+    write_json(summary, out / "summary.json")
+
+
+def write_registration(out_dir, result: RegistrationResult, metrics: dict) -> list[Path]:
+    """Write DIR/warped.nii.gz, DIR/transform.h5, DIR/field.nii.gz (deformable only), DIR/metrics.json.
+
+    Each file is written under a temporary name and renamed, so a failure leaves no partial file.
+    """
+    from . import io
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "warped.nii.gz", out / "transform.h5", out / "metrics.json"]
+    io.write_volume(result.warped, written[0])
+    io.write_transform(result.transform, written[1])
+    if result.field is not None:
+        io.write_field(result.field, out / "field.nii.gz")
+        written.append(out / "field.nii.gz")
+    if result.warped_labels is not None:
+        io.write_labels(result.warped_labels, out / "warped_labels.nii.gz")
+        written.append(out / "warped_labels.nii.gz")
+    m = dict(metrics)
+    m["history"] = [{k: v for k, v in h.items()} for h in result.history][-2000:]
+    m["timings"] = result.timings
+    write_json(m, written[2])
+    return written

@@ -1,0 +1,38 @@
+"""The engine runs headless: importing it must not load Qt, VTK or pyqtgraph."""
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _engine_modules():
+    import app.engine
+    names = ["app.engine"]
+    for m in pkgutil.walk_packages(app.engine.__path__, "app.engine."):
+        names.append(m.name)
+    return names
+
+
+def test_engine_imports_no_gui_modules():
+    mods = _engine_modules()
+    code = ("import sys\n"
+            f"for m in {mods!r}: __import__(m)\n"
+            "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('PySide6', 'PyQt5', 'PyQt6', 'vtk', 'vtkmodules', 'pyqtgraph')"
+            " or k.startswith('app.widgets'))\n"
+            "print(','.join(bad))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"engine imported GUI modules: {r.stdout.strip()}"
+    assert len(mods) > 5
+
+
+def test_registry_import_is_cheap():
+    """Listing paradigms (what the GUI does at start-up) must not import torch."""
+    code = ("import sys, app.engine.paradigms as p\n"
+            "assert 'iterative' in p.available()\n"
+            "print('torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
