@@ -4,7 +4,8 @@ Metric conventions (Learn2Reg): Dice per label over the non-zero labels present 
 label map (mean ignores nothing: an absent label scores 0); HD95 in mm per label; TRE in mm
 between ``T(fixed landmark)`` and the moving landmark (``T`` maps fixed points to moving points,
 so no inversion is needed); folding = fraction of fixed-grid voxels where the Jacobian determinant
-of the full transform is <= 0; SDlogJ = std of log(det). "before" uses the identity transform in
+of the full transform is <= 0 and SDlogJ = std of log(det), both with a 2-voxel border crop as in
+Learn2Reg. "before" uses the identity transform in
 physical space (the images as they lie in the scanner's world coordinates).
 """
 from __future__ import annotations
@@ -74,7 +75,7 @@ def transform_metrics(fixed: Volume, moving: Volume, transform: Transform, *,
         out.update(fold_fraction=0.0, sdlogj=0.0)
     else:
         fld = field if field is not None else transform_to_field(transform, fixed)
-        js = M.jacobian_stats(jacobian_map(fld).array)
+        js = M.jacobian_stats(jacobian_map(fld).array, border=2)
         out.update(fold_fraction=float(js["fold_fraction"]), sdlogj=_finite(js["sdlogj"]))
     return out
 
