@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled as e:
         print(f"error: {e}", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError, MemoryError) as e:
+    except (ValueError, RuntimeError, OSError, MemoryError, ImportError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         if isinstance(e, MemoryError) or "out of memory" in msg.lower():
             msg = f"out of memory: {msg} (try a smaller grid, --device cpu, or fewer levels)"

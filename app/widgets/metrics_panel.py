@@ -1,0 +1,467 @@
+"""Metrics panel: per-run summary and per-label tables, run history and a side-by-side comparison.
+
+The panel keeps only JSON-safe metrics (the dict of
+:func:`app.engine.evaluation.register_and_measure`, arrays dropped) and never the images, so a
+session can store it with :meth:`MetricsPanel.to_dict`.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io as _io
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+# (label, metrics key, unit scale, format) of the summary rows
+SUMMARY_ROWS: list[tuple[str, str, float, str]] = [
+    ("Dice mean", "dice_mean", 1.0, "{:.3f}"),
+    ("HD95 mean (mm)", "hd95_mean", 1.0, "{:.2f}"),
+    ("TRE mean (mm)", "tre_mean_mm", 1.0, "{:.2f}"),
+    ("TRE median (mm)", "tre_median_mm", 1.0, "{:.2f}"),
+    ("TRE max (mm)", "tre_max_mm", 1.0, "{:.2f}"),
+    ("Folding (%)", "fold_fraction", 100.0, "{:.3f}"),
+    ("SDlogJ", "sdlogj", 1.0, "{:.4f}"),
+]
+_INFO_ROWS = [("Runtime (s)", "runtime_s"), ("Device", "device"), ("Paradigm", "paradigm"),
+              ("Checkpoint", "checkpoint")]
+_DASH = "–"
+
+
+def json_safe(obj, _depth: int = 0):
+    """Plain JSON types only: numpy scalars -> Python numbers, NaN/inf -> None, arrays dropped
+    (small 1-D arrays become lists), tuples -> lists, keys -> str."""
+    if _depth > 8:
+        return None
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(v, np.ndarray) and (v.ndim > 1 or v.size > 1000):
+                continue
+            out[str(k)] = json_safe(v, _depth + 1)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, _depth + 1) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [json_safe(v, _depth + 1) for v in obj.tolist()] if obj.ndim <= 1 and obj.size <= 1000 else None
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
+def _num(v) -> Optional[float]:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _fmt(v, fmt: str = "{:.3f}", scale: float = 1.0) -> str:
+    f = _num(v)
+    return _DASH if f is None else fmt.format(f * scale)
+
+
+class NumberItem(QTableWidgetItem):
+    """A table cell that sorts by its number (empty cells last), shown formatted."""
+
+    def __init__(self, value, fmt: str = "{:.3f}", scale: float = 1.0):
+        self.number = _num(value)
+        if self.number is not None:
+            self.number *= scale
+        super().__init__(_DASH if self.number is None else fmt.format(self.number))
+        self.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+        self.setFlags(self.flags() & ~Qt.ItemIsEditable)
+
+    def __lt__(self, other):
+        a = self.number
+        b = getattr(other, "number", None)
+        if a is None:
+            return False
+        if b is None:
+            return True
+        return a < b
+
+
+def _text_item(text: str) -> QTableWidgetItem:
+    it = QTableWidgetItem(text)
+    it.setFlags(it.flags() & ~Qt.ItemIsEditable)
+    return it
+
+
+def table_rows(table: QTableWidget) -> list[list[str]]:
+    """Header + visible cell texts of ``table`` (in its current sort order)."""
+    cols = table.columnCount()
+    head = [(table.horizontalHeaderItem(c).text() if table.horizontalHeaderItem(c) else "") for c in range(cols)]
+    vhead = not table.verticalHeader().isHidden()
+    rows = [([""] if vhead else []) + head]
+    for r in range(table.rowCount()):
+        row = []
+        if vhead:
+            h = table.verticalHeaderItem(r)
+            row.append(h.text() if h else str(r + 1))
+        for c in range(cols):
+            it = table.item(r, c)
+            t = it.text() if it is not None else ""
+            row.append("" if t == _DASH else t)
+        rows.append(row)
+    return rows
+
+
+class MetricsPanel(QWidget):
+    """Metrics of the registration runs of this session.
+
+    Signals
+    -------
+    run_selected(int)
+        The user picked run ``index`` in the history (show its warped layer).
+    """
+
+    run_selected = Signal(int)
+
+    def __init__(self, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self._runs: list[dict[str, Any]] = []
+        self.label_names: dict[str, str] = {}
+
+        self.history = QListWidget()
+        self.history.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.history.setToolTip("Registration runs; select one to show its result")
+        self.history.setMinimumHeight(48)
+
+        self.summary_table = self._make_table(["Before", "After"], sortable=False)
+        self.summary_table.verticalHeader().setVisible(True)
+        self.label_table = self._make_table(["Label", "Dice\nbefore", "Dice\nafter", "Δ Dice",
+                                             "HD95\nbefore", "HD95\nafter"], sortable=True)
+        self.label_table.horizontalHeader().setSortIndicator(0, Qt.AscendingOrder)
+        for c, tip in enumerate(["label id", "Dice before registration", "Dice after registration",
+                                 "after - before", "95th percentile Hausdorff distance before (mm)",
+                                 "95th percentile Hausdorff distance after (mm)"]):
+            self.label_table.horizontalHeaderItem(c).setToolTip(tip)
+        self.compare_table = self._make_table([], sortable=False)
+        self.compare_table.verticalHeader().setVisible(True)
+        self.label_mean = QLabel("")
+
+        per_label = QWidget()
+        pl = QVBoxLayout(per_label)
+        pl.setContentsMargins(0, 0, 0, 0)
+        pl.addWidget(self.label_mean)
+        pl.addWidget(self.label_table)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.summary_table, "Summary")
+        self.tabs.addTab(per_label, "Per label")
+        self.tabs.addTab(self.compare_table, "Compare runs")
+
+        self.copy_button = QPushButton("Copy")
+        self.copy_button.setToolTip("Copy the table shown to the clipboard (tab-separated)")
+        self.export_button = QPushButton("Export CSV…")
+        self.export_button.setToolTip("Save the table shown as CSV")
+        self.info_label = QLabel("No runs yet")
+        self.info_label.setWordWrap(True)
+
+        hist = QWidget()
+        hl = QVBoxLayout(hist)
+        hl.setContentsMargins(0, 0, 0, 0)
+        hl.addWidget(QLabel("Runs"))
+        hl.addWidget(self.history)
+        split = QSplitter(Qt.Vertical)
+        split.addWidget(hist)
+        split.addWidget(self.tabs)
+        split.setStretchFactor(0, 1)
+        split.setStretchFactor(1, 4)
+        split.setChildrenCollapsible(False)
+        split.setSizes([90, 400])
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.info_label, 1)
+        buttons.addWidget(self.copy_button)
+        buttons.addWidget(self.export_button)
+        lay = QVBoxLayout(self)
+        lay.addWidget(split, 1)
+        lay.addLayout(buttons)
+
+        self.history.currentRowChanged.connect(self._on_history_change)
+        self.copy_button.clicked.connect(self.copy_to_clipboard)
+        self.export_button.clicked.connect(self._on_export)
+        self._update_buttons()
+
+    @staticmethod
+    def _make_table(headers: list[str], sortable: bool) -> QTableWidget:
+        t = QTableWidget(0, len(headers))
+        t.setHorizontalHeaderLabels(headers)
+        t.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        t.setSelectionBehavior(QAbstractItemView.SelectRows)
+        t.setAlternatingRowColors(True)
+        t.verticalHeader().setVisible(False)
+        t.verticalHeader().setDefaultSectionSize(22)
+        # equal columns that share the panel's width; a scroll bar only when too narrow
+        t.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        t.horizontalHeader().setMinimumSectionSize(56)
+        t.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
+        t.setSortingEnabled(sortable)
+        t.setWordWrap(False)
+        return t
+
+    # ================================================================ runs
+    def add_run(self, name: str, result=None, metrics: Optional[dict] = None, *, select: bool = True) -> int:
+        """Add a finished run; returns its index. ``result`` (a RegistrationResult) only supplies
+        paradigm / device / timings when the metrics lack them; it is not kept."""
+        m = json_safe(dict(metrics or {}))
+        if result is not None:
+            m.setdefault("paradigm", getattr(result, "paradigm", "") or None)
+            m.setdefault("device", getattr(result, "device", None))
+            if m.get("runtime_s") is None and getattr(result, "timings", None):
+                m["runtime_s"] = _num(result.timings.get("total"))
+            m.setdefault("checkpoint", getattr(result, "checkpoint_id", None))
+        run = {"name": str(name), "time": _dt.datetime.now().strftime("%H:%M:%S"), "metrics": m}
+        self._runs.append(run)
+        self._add_history_item(run)
+        self._fill_compare()
+        if select:
+            self.history.setCurrentRow(len(self._runs) - 1)
+        self._update_buttons()
+        return len(self._runs) - 1
+
+    def _add_history_item(self, run: dict) -> None:
+        m = run["metrics"]
+        text = f"{run['name']}  ·  {run['time']}"
+        d = _num(m.get("dice_mean"))
+        if d is not None:
+            text += f"  ·  Dice {d:.3f}"
+        t = _num(m.get("tre_mean_mm"))
+        if t is not None:
+            text += f"  ·  TRE {t:.2f} mm"
+        it = QListWidgetItem(text)
+        it.setToolTip(f"{run['name']} ({m.get('paradigm') or '?'}) at {run['time']} on {m.get('device') or '?'}")
+        self.history.addItem(it)
+
+    def runs(self) -> list[dict]:
+        """``[{"name", "time", "metrics"}, ...]`` (copies)."""
+        return [dict(r) for r in self._runs]
+
+    @property
+    def current_index(self) -> int:
+        return self.history.currentRow()
+
+    def select_run(self, index: int) -> None:
+        """Show run ``index`` (emits ``run_selected`` when it changes)."""
+        self.history.setCurrentRow(index)
+
+    def clear(self) -> None:
+        self._runs.clear()
+        self.history.blockSignals(True)
+        self.history.clear()
+        self.history.blockSignals(False)
+        self._show_run(None)
+        self._fill_compare()
+        self._update_buttons()
+
+    def set_label_names(self, names: dict) -> None:
+        """Optional ``{label id: name}`` shown beside the ids in the per-label table."""
+        self.label_names = {str(k): str(v) for k, v in (names or {}).items()}
+        self._show_run(self._current_run())
+
+    def to_dict(self) -> dict:
+        """JSON-safe state: runs (name, time, metrics) and the selected run."""
+        return {"runs": json_safe(self._runs), "current": self.current_index,
+                "label_names": dict(self.label_names)}
+
+    def from_dict(self, d: dict) -> None:
+        """Restore :meth:`to_dict` output (emits no ``run_selected``)."""
+        self.blockSignals(True)
+        try:
+            self.clear()
+            self.label_names = {str(k): str(v) for k, v in (d.get("label_names") or {}).items()}
+            for r in d.get("runs", []):
+                run = {"name": str(r.get("name", f"run {len(self._runs) + 1}")),
+                       "time": str(r.get("time", "")), "metrics": json_safe(r.get("metrics") or {})}
+                self._runs.append(run)
+                self._add_history_item(run)
+            self._fill_compare()
+            cur = d.get("current")
+            if isinstance(cur, int) and 0 <= cur < len(self._runs):
+                self.history.setCurrentRow(cur)
+            elif self._runs:
+                self.history.setCurrentRow(len(self._runs) - 1)
+        finally:
+            self.blockSignals(False)
+        self._update_buttons()
+
+    # ================================================================ tables
+    def _current_run(self) -> Optional[dict]:
+        i = self.history.currentRow()
+        return self._runs[i] if 0 <= i < len(self._runs) else None
+
+    @Slot(int)
+    def _on_history_change(self, row: int) -> None:
+        self._show_run(self._current_run())
+        if 0 <= row < len(self._runs):
+            self.run_selected.emit(row)
+
+    def _show_run(self, run: Optional[dict]) -> None:
+        self._fill_summary(run)
+        self._fill_labels(run)
+        if run is None:
+            self.info_label.setText("No runs yet" if not self._runs else "")
+        else:
+            m = run["metrics"]
+            rt = _num(m.get("runtime_s"))
+            par = m.get("paradigm") or ""
+            name = run["name"] if par in run["name"] else f"{run['name']} ({par or '?'})"
+            self.info_label.setText(f"{name} · {m.get('device') or '?'}" + (f" · {rt:.1f} s" if rt is not None else ""))
+
+    def _fill_summary(self, run: Optional[dict]) -> None:
+        t = self.summary_table
+        t.setRowCount(0)
+        if run is None:
+            return
+        m = run["metrics"]
+        before = m.get("before") or {}
+        rows = SUMMARY_ROWS + [(lab, key, 1.0, None) for lab, key in _INFO_ROWS]
+        t.setRowCount(len(rows))
+        t.setVerticalHeaderLabels([r[0] for r in rows])
+        for r, (_, key, scale, fmt) in enumerate(rows):
+            if fmt is None:
+                v = m.get(key)
+                t.setItem(r, 0, _text_item(""))
+                t.setItem(r, 1, NumberItem(v, "{:.2f}") if isinstance(v, (int, float)) and not isinstance(v, bool)
+                          else _text_item(_DASH if v in (None, "") else str(v)))
+            else:
+                t.setItem(r, 0, NumberItem(before.get(key), fmt, scale))
+                t.setItem(r, 1, NumberItem(m.get(key), fmt, scale))
+
+    def _fill_labels(self, run: Optional[dict]) -> None:
+        t = self.label_table
+        t.setSortingEnabled(False)
+        t.setRowCount(0)
+        self.label_mean.setText("")
+        if run is None:
+            t.setSortingEnabled(True)
+            return
+        m = run["metrics"]
+        before = m.get("before") or {}
+        da, db = m.get("dice_per_label") or {}, before.get("dice_per_label") or {}
+        ha, hb = m.get("hd95_per_label") or {}, before.get("hd95_per_label") or {}
+        labels = sorted(set(da) | set(db), key=lambda s: (_num(s) is None, _num(s) or 0, s))
+        t.setRowCount(len(labels))
+        for r, lab in enumerate(labels):
+            name = self.label_names.get(str(lab))
+            item = NumberItem(lab, "{:.0f}") if _num(lab) is not None else _text_item(str(lab))
+            if name:
+                item.setText(f"{item.text()}  {name}")
+            t.setItem(r, 0, item)
+            t.setItem(r, 1, NumberItem(db.get(lab)))
+            t.setItem(r, 2, NumberItem(da.get(lab)))
+            a, b = _num(da.get(lab)), _num(db.get(lab))
+            t.setItem(r, 3, NumberItem(None if a is None or b is None else a - b, "{:+.3f}"))
+            t.setItem(r, 4, NumberItem(hb.get(lab), "{:.2f}"))
+            t.setItem(r, 5, NumberItem(ha.get(lab), "{:.2f}"))
+        t.setSortingEnabled(True)
+        if labels:
+            self.label_mean.setText(f"{len(labels)} labels · mean Dice {_fmt(before.get('dice_mean'))} → "
+                                    f"{_fmt(m.get('dice_mean'))} · mean HD95 {_fmt(before.get('hd95_mean'), '{:.2f}')}"
+                                    f" → {_fmt(m.get('hd95_mean'), '{:.2f}')} mm")
+        else:
+            self.label_mean.setText("No label maps were given for this run")
+
+    def _fill_compare(self) -> None:
+        t = self.compare_table
+        t.clear()
+        runs = self._runs
+        if not runs:
+            t.setRowCount(0)
+            t.setColumnCount(0)
+            return
+        headers = ["Before"] + [r["name"] for r in runs]
+        rows = SUMMARY_ROWS + [(lab, key, 1.0, None) for lab, key in _INFO_ROWS]
+        t.setColumnCount(len(headers))
+        t.setHorizontalHeaderLabels(headers)
+        t.setRowCount(len(rows))
+        t.setVerticalHeaderLabels([r[0] for r in rows])
+        before = runs[0]["metrics"].get("before") or {}
+        for r, (_, key, scale, fmt) in enumerate(rows):
+            if fmt is None:
+                t.setItem(r, 0, _text_item(""))
+            else:
+                t.setItem(r, 0, NumberItem(before.get(key), fmt, scale))
+            for c, run in enumerate(runs, start=1):
+                v = run["metrics"].get(key)
+                if fmt is not None:
+                    t.setItem(r, c, NumberItem(v, fmt, scale))
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    t.setItem(r, c, NumberItem(v, "{:.2f}"))
+                else:
+                    t.setItem(r, c, _text_item(_DASH if v in (None, "") else str(v)))
+        for c, run in enumerate(runs, start=1):
+            t.horizontalHeaderItem(c).setToolTip(f"{run['name']} at {run['time']}")
+
+    # ================================================================ copy / export
+    def current_table(self) -> QTableWidget:
+        i = self.tabs.currentIndex()
+        return [self.summary_table, self.label_table, self.compare_table][i]
+
+    def table_text(self, table: Optional[QTableWidget] = None, sep: str = "\t") -> str:
+        """The table (default: the one shown) as delimited text, header first."""
+        buf = _io.StringIO()
+        w = csv.writer(buf, delimiter=sep, lineterminator="\n")
+        for row in table_rows(table or self.current_table()):
+            w.writerow(row)
+        return buf.getvalue()
+
+    @Slot()
+    def copy_to_clipboard(self) -> str:
+        text = self.table_text()
+        QGuiApplication.clipboard().setText(text)
+        return text
+
+    def export_csv(self, path, table: Optional[QTableWidget] = None) -> Path:
+        """Write the table shown (or ``table``) as CSV; returns the path."""
+        from app.engine.io import atomic_path
+        path = Path(path)
+        text = self.table_text(table, sep=",")
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+        return path
+
+    @Slot()
+    def _on_export(self) -> None:
+        name = ["summary", "per_label", "compare"][self.tabs.currentIndex()]
+        path, _ = QFileDialog.getSaveFileName(self, "Export metrics", f"metrics_{name}.csv", "CSV (*.csv)")
+        if not path:
+            return
+        try:
+            self.export_csv(path)
+            self.info_label.setText(f"Saved {Path(path).name}")
+        except Exception as e:  # noqa: BLE001 - a failed export is a message
+            self.info_label.setText(f"Export failed: {e}")
+
+    def _update_buttons(self) -> None:
+        has = bool(self._runs)
+        self.copy_button.setEnabled(has)
+        self.export_button.setEnabled(has)

@@ -1,0 +1,639 @@
+"""Registration panel: paradigm, checkpoint, parameters, device, Run / Cancel, progress, loss curve.
+
+The run itself happens in :class:`app.workers.RegistrationWorker` on its own thread; this panel
+only reacts to the worker's signals on the GUI thread. torch is never imported here: the
+checkpoint list / validation and the CUDA check run in a :class:`app.workers.TaskWorker`, and
+only when a learned paradigm (or one declaring ``uses_torch = True``) is chosen.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+from PySide6.QtCore import QElapsedTimer, Qt, QTimer, Signal, Slot
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app import workers
+from app.engine import paradigms
+
+from .params_form import ParamsForm
+
+_CURVE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+_NO_LOSS_STAGES = ("done", "evaluate", "load", "resample")
+_ERROR_STYLE = "color: #b00020;"
+
+
+def _probe_checkpoints(key: str, chosen: Optional[str]) -> dict:
+    """Worker thread: list the checkpoints of ``key`` and validate ``chosen`` (or the first).
+
+    Returns {"paths": [str], "chosen": str | None, "card": str, "error": str | None}.
+    """
+    out = {"paths": [], "chosen": None, "card": "", "error": None}
+    try:
+        from app.engine import checkpoints as C
+    except ImportError as e:
+        out["error"] = f"checkpoint support is not available ({e})"
+        return out
+    try:
+        paths = [str(p) for p in C.list_checkpoints(key)]
+    except Exception as e:  # noqa: BLE001 - a bad folder must not break the panel
+        paths = []
+        out["error"] = f"could not list checkpoints: {workers.error_message(e)}"
+    if chosen and chosen not in paths:
+        paths.append(chosen)
+    out["paths"] = paths
+    chosen = chosen or (paths[0] if paths else None)
+    out["chosen"] = chosen
+    if chosen is None:
+        out["error"] = out["error"] or (f"no checkpoint for '{key}' was found; use Open… to pick one "
+                                        f"(train one with: main.py train --paradigm {key})")
+        return out
+    try:
+        out["card"] = format_card(C.read_card(chosen))
+    except Exception as e:  # noqa: BLE001
+        out["card"] = f"(no card: {workers.error_message(e)})"
+    try:
+        C.load_checkpoint(chosen, key)
+    except (ValueError, OSError) as e:
+        out["error"] = workers.error_message(e)
+    return out
+
+
+def _probe_cuda() -> bool:
+    import torch
+    return bool(torch.cuda.is_available())
+
+
+def format_card(card: dict, max_chars: int = 4000) -> str:
+    """A checkpoint card (dict) as readable text: title, summary, then ``key: value`` lines."""
+    if not isinstance(card, dict):
+        return str(card)[:max_chars]
+    lines = []
+    if card.get("title"):
+        lines.append(str(card["title"]))
+    if card.get("summary"):
+        lines.append(str(card["summary"]))
+    for k, v in card.items():
+        if k in ("title", "summary"):
+            continue
+        if isinstance(v, dict):
+            lines.append(f"{k}:")
+            for kk, vv in v.items():
+                s = json.dumps(vv, default=str) if isinstance(vv, (dict, list)) else str(vv)
+                lines.append(f"  {kk}: {s}")
+        else:
+            s = json.dumps(v, default=str) if isinstance(v, list) else str(v)
+            lines.append(f"{k}: {s}")
+    text = "\n".join(lines)
+    return text if len(text) <= max_chars else text[:max_chars] + "\n…"
+
+
+class RegistrationPanel(QWidget):
+    """Choose and run a registration; follow it live.
+
+    Signals
+    -------
+    run_started()
+    run_finished(object result, object metrics)
+        :class:`~app.engine.types.RegistrationResult` and the metrics dict of
+        :func:`app.engine.evaluation.register_and_measure`.
+    run_failed(str)
+        One-line message (also shown in the panel; the panel opens no dialog).
+    run_cancelled()
+    """
+
+    run_started = Signal()
+    run_finished = Signal(object, object)
+    run_failed = Signal(str)
+    run_cancelled = Signal()
+
+    def __init__(self, parent: Optional[QWidget] = None, *, keys: Optional[list[str]] = None,
+                 progress_interval_s: float = 0.05):
+        super().__init__(parent)
+        self._provider: Optional[Callable[[], dict]] = None
+        self._registrars: dict = {}
+        self._saved_params: dict[str, object] = {}
+        self._worker: Optional[workers.RegistrationWorker] = None
+        self._progress_interval_s = progress_interval_s
+        self._checkpoint: Optional[str] = None
+        self._checkpoint_error: Optional[str] = None
+        self._probing = False
+        self._probe_gen = 0
+        self._cuda: Optional[bool] = None        # None: not checked yet
+        self._cuda_probing = False
+        self._registrar_error: Optional[str] = None
+        self._loss_seen = 0
+        self._curves: dict[str, tuple] = {}
+        self._x = 0
+        self.form: Optional[ParamsForm] = None
+
+        # -- paradigm
+        self.paradigm_combo = QComboBox()
+        self.paradigm_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        for k in (keys if keys is not None else paradigms.available()):
+            self.paradigm_combo.addItem(k, k)
+            self.paradigm_combo.setItemData(self.paradigm_combo.count() - 1,
+                                            paradigms.DESCRIPTIONS.get(k, ""), Qt.ToolTipRole)
+        self.description_label = QLabel()
+        self.description_label.setWordWrap(True)
+        self.description_label.setStyleSheet("color: #555;")
+
+        # -- checkpoint (learned paradigms)
+        self.checkpoint_combo = QComboBox()
+        self.checkpoint_combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.checkpoint_combo.setMinimumContentsLength(12)
+        self.open_checkpoint_button = QPushButton("Open…")
+        self.open_checkpoint_button.setToolTip("Pick a checkpoint file (.pt)")
+        self.card_text = QPlainTextEdit()
+        self.card_text.setReadOnly(True)
+        self.card_text.setMaximumHeight(96)
+        self.card_text.setPlaceholderText("checkpoint card")
+        self.checkpoint_status = QLabel()
+        self.checkpoint_status.setWordWrap(True)
+        self.checkpoint_group = QGroupBox("Checkpoint")
+        cg = QVBoxLayout(self.checkpoint_group)
+        row = QHBoxLayout()
+        row.addWidget(self.checkpoint_combo, 1)
+        row.addWidget(self.open_checkpoint_button)
+        cg.addLayout(row)
+        cg.addWidget(self.checkpoint_status)
+        cg.addWidget(self.card_text)
+
+        # -- parameters
+        self.params_group = QGroupBox("Parameters")
+        self.params_scroll = QScrollArea()
+        self.params_scroll.setWidgetResizable(True)
+        self.params_scroll.setFrameShape(QScrollArea.NoFrame)
+        self.params_scroll.setMinimumHeight(120)
+        self.defaults_button = QPushButton("Defaults")
+        self.defaults_button.setToolTip("Reset every parameter of this paradigm to its default")
+        pg = QVBoxLayout(self.params_group)
+        pg.addWidget(self.params_scroll, 1)
+        prow = QHBoxLayout()
+        prow.addStretch(1)
+        prow.addWidget(self.defaults_button)
+        pg.addLayout(prow)
+
+        # -- device, run, progress
+        self.device_combo = QComboBox()
+        self.device_combo.addItem("auto", "auto")
+        self.device_combo.addItem("cpu", "cpu")
+        self.device_combo.setToolTip("auto = CUDA when available, else CPU")
+        self.run_button = QPushButton("Run")
+        self.run_button.setDefault(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("%p%")
+        self.stage_label = QLabel("Idle")
+        self.stage_label.setWordWrap(True)
+        self.elapsed_label = QLabel("")
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        self.status_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+
+        import pyqtgraph as pg_
+        self.loss_plot = pg_.PlotWidget()
+        self.loss_plot.setBackground("w")
+        self.loss_plot.setMinimumHeight(130)
+        self.loss_plot.setLabel("left", "loss")
+        self.loss_plot.setLabel("bottom", "iteration (all stages)")
+        self.loss_plot.showGrid(x=True, y=True, alpha=0.25)
+        self.loss_plot.setMouseEnabled(x=False, y=False)
+        self.loss_plot.getPlotItem().setMenuEnabled(False)
+        self.loss_plot.getAxis("left").enableAutoSIPrefix(False)
+        self._pg = pg_
+
+        top = QFormLayout()
+        top.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
+        top.addRow("Paradigm", self.paradigm_combo)
+        top.addRow(self.description_label)
+        buttons = QHBoxLayout()
+        buttons.addWidget(QLabel("Device"))
+        buttons.addWidget(self.device_combo)
+        buttons.addStretch(1)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        times = QHBoxLayout()
+        times.addWidget(self.stage_label, 1)
+        times.addWidget(self.elapsed_label, 0, Qt.AlignRight | Qt.AlignTop)
+        lay = QVBoxLayout(self)
+        lay.addLayout(top)
+        lay.addWidget(self.checkpoint_group)
+        lay.addWidget(self.params_group, 3)
+        lay.addLayout(buttons)
+        lay.addWidget(self.progress_bar)
+        lay.addLayout(times)
+        lay.addWidget(self.status_label)
+        lay.addWidget(self.loss_plot, 2)
+
+        self._clock = QElapsedTimer()
+        self._tick = QTimer(self)
+        self._tick.setInterval(200)
+        self._tick.timeout.connect(self._on_tick)
+
+        self.paradigm_combo.currentIndexChanged.connect(self._on_paradigm_change)
+        self.checkpoint_combo.activated.connect(self._on_checkpoint_change)
+        self.open_checkpoint_button.clicked.connect(self._on_open_checkpoint)
+        self.defaults_button.clicked.connect(self._on_defaults)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self._on_paradigm_change()
+
+    # ================================================================ public API
+    def set_inputs_provider(self, fn: Callable[[], dict]) -> None:
+        """``fn()`` returns dict(fixed, moving, fixed_labels, moving_labels, fixed_points,
+        moving_points) at the moment Run is pressed (None for what is absent)."""
+        self._provider = fn
+
+    @property
+    def is_running(self) -> bool:
+        return self._worker is not None
+
+    @property
+    def paradigm_key(self) -> Optional[str]:
+        return self.paradigm_combo.currentData()
+
+    def set_paradigm(self, key: str) -> None:
+        i = self.paradigm_combo.findData(key)
+        if i < 0:
+            raise ValueError(f"paradigm '{key}' is not in the list: {self._keys()}")
+        self.paradigm_combo.setCurrentIndex(i)
+
+    @property
+    def device(self) -> str:
+        return self.device_combo.currentData()
+
+    def set_device(self, device: str) -> None:
+        i = self.device_combo.findData(device)
+        if i < 0:
+            raise ValueError(f"device '{device}' is not offered here: "
+                             f"{[self.device_combo.itemData(j) for j in range(self.device_combo.count())]}")
+        self.device_combo.setCurrentIndex(i)
+
+    @property
+    def checkpoint(self) -> Optional[str]:
+        return self._checkpoint
+
+    @property
+    def checkpoint_error(self) -> Optional[str]:
+        return self._checkpoint_error
+
+    def set_checkpoint(self, path) -> None:
+        """Choose a checkpoint file for the current (learned) paradigm; it is validated in the
+        background and Run stays disabled until it fits."""
+        self._checkpoint = str(path) if path else None
+        self._start_checkpoint_probe()
+
+    @property
+    def is_learned(self) -> bool:
+        reg = self._registrars.get(self.paradigm_key)
+        return bool(getattr(reg, "learned", False))
+
+    def params(self):
+        """The form's validated Params instance (ValueError when a field is invalid)."""
+        if self.form is None:
+            raise ValueError("no paradigm is available")
+        return self.form.values()
+
+    def set_params(self, params) -> None:
+        if self.form is not None:
+            self.form.set_values(params)
+
+    def loss_curve_data(self) -> tuple[list[float], list[float]]:
+        """All plotted loss points (x = running iteration over stages, y = loss)."""
+        xs, ys = [], []
+        for _, (_, cx, cy) in self._curves.items():
+            xs += cx
+            ys += cy
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        return [xs[i] for i in order], [ys[i] for i in order]
+
+    def run(self) -> bool:
+        """Start a run with the current inputs and settings. Returns False (and emits
+        ``run_failed``) when it cannot start."""
+        if self.is_running:
+            return False
+        key = self.paradigm_key
+        try:
+            if key is None or self._registrar_error:
+                raise ValueError(self._registrar_error or "no registration paradigm is available")
+            if self.is_learned and self._checkpoint_error:
+                raise ValueError(self._checkpoint_error)
+            params = self.params()
+            inputs = dict(self._provider() if self._provider is not None else {})
+            if inputs.get("fixed") is None or inputs.get("moving") is None:
+                raise ValueError("load a fixed and a moving image first")
+        except Exception as e:  # noqa: BLE001 - a bad setting is a message, not a crash
+            self._show_status(workers.error_message(e), error=True)
+            self.run_failed.emit(workers.error_message(e))
+            return False
+        self._saved_params[key] = params
+        w = workers.RegistrationWorker(key, inputs, params, checkpoint=self._checkpoint if self.is_learned else None,
+                                       device=self.device, min_interval_s=self._progress_interval_s)
+        w.progress.connect(self._on_worker_progress)
+        w.finished.connect(self._on_worker_finished)
+        w.failed.connect(self._on_worker_failed)
+        w.cancelled.connect(self._on_worker_cancelled)
+        self._worker = w
+        self._reset_plot()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setValue(0)
+        self.stage_label.setText(f"Starting {key}…")
+        self._show_status("")
+        self._clock.start()
+        self._tick.start()
+        self._on_tick()
+        self._update_enabled()
+        w.start()
+        self.run_started.emit()
+        return True
+
+    def cancel(self) -> None:
+        """Ask the running registration to stop (it ends with ``run_cancelled``)."""
+        if self._worker is not None:
+            self._worker.cancel()
+            self.cancel_button.setEnabled(False)
+            self.stage_label.setText("Cancelling…")
+
+    def shutdown(self, timeout_ms: int = 10000) -> bool:
+        """Cancel a running registration and wait for its thread (call before closing)."""
+        w = self._worker
+        if w is None:
+            return True
+        w.cancel()
+        return w.wait(timeout_ms)
+
+    @property
+    def worker(self) -> Optional[workers.RegistrationWorker]:
+        """The running worker (None when idle)."""
+        return self._worker
+
+    # ================================================================ paradigm / checkpoint
+    def _keys(self) -> list[str]:
+        return [self.paradigm_combo.itemData(i) for i in range(self.paradigm_combo.count())]
+
+    @Slot()
+    def _on_paradigm_change(self, *_):
+        if self.form is not None and self._current_form_key is not None:
+            try:
+                self._saved_params[self._current_form_key] = self.form.raw_values()
+            except Exception:  # noqa: BLE001
+                pass
+        key = self.paradigm_key
+        self._current_form_key = None
+        self._registrar_error = None
+        self._probe_gen += 1            # a checkpoint probe still running belongs to the old paradigm
+        self._probing = False
+        old = self.params_scroll.takeWidget()
+        if old is not None:
+            old.deleteLater()
+        self.form = None
+        if key is None:
+            self.description_label.setText("No registration paradigm is registered.")
+            self.checkpoint_group.setVisible(False)
+            self._update_enabled()
+            return
+        self.description_label.setText(paradigms.DESCRIPTIONS.get(key, ""))
+        try:
+            reg = self._registrars.get(key) or paradigms.get(key)
+            self._registrars[key] = reg
+            self.form = ParamsForm(reg.Params)
+            if key in self._saved_params:
+                self.form.set_values(self._saved_params[key])
+            self.params_scroll.setWidget(self.form)
+            self._current_form_key = key
+            desc = getattr(reg, "description", "") or paradigms.DESCRIPTIONS.get(key, "")
+            self.description_label.setText(desc)
+        except Exception as e:  # noqa: BLE001 - a broken paradigm module is a message
+            self._registrar_error = f"paradigm '{key}' cannot be loaded: {workers.error_message(e)}"
+            self.description_label.setText(self._registrar_error)
+            self.description_label.setStyleSheet(_ERROR_STYLE)
+            self.checkpoint_group.setVisible(False)
+            self._update_enabled()
+            return
+        self.description_label.setStyleSheet("color: #555;")
+        learned = self.is_learned
+        self.checkpoint_group.setVisible(learned)
+        self._checkpoint = None
+        self._checkpoint_error = None
+        if learned:
+            self._start_checkpoint_probe()
+        if learned or getattr(reg, "uses_torch", False):
+            self._ensure_cuda_probe()
+        self._update_enabled()
+
+    _current_form_key: Optional[str] = None
+
+    def _start_checkpoint_probe(self) -> None:
+        key = self.paradigm_key
+        self._probe_gen += 1
+        gen = self._probe_gen
+        self._probing = True
+        self._checkpoint_error = "checking the checkpoint…"
+        self.checkpoint_status.setStyleSheet("")
+        self.checkpoint_status.setText("Checking checkpoints…")
+        self._update_enabled()
+        workers.run_in_thread(_probe_checkpoints, key, self._checkpoint, context=self,
+                              on_done=lambda out: self._on_probe_done(gen, out),
+                              on_error=lambda msg: self._on_probe_done(gen, {"error": msg, "paths": [],
+                                                                            "chosen": None, "card": ""}))
+
+    def _on_probe_done(self, gen: int, out: dict) -> None:
+        if gen != self._probe_gen:
+            return      # the user chose something else meanwhile
+        self._probing = False
+        self.checkpoint_combo.blockSignals(True)
+        self.checkpoint_combo.clear()
+        for p in out.get("paths", []):
+            self.checkpoint_combo.addItem(Path(p).name, p)
+            self.checkpoint_combo.setItemData(self.checkpoint_combo.count() - 1, p, Qt.ToolTipRole)
+        chosen = out.get("chosen")
+        if chosen is not None:
+            self.checkpoint_combo.setCurrentIndex(max(0, self.checkpoint_combo.findData(chosen)))
+        self.checkpoint_combo.blockSignals(False)
+        self._checkpoint = chosen
+        self._checkpoint_error = out.get("error")
+        self.card_text.setPlainText(out.get("card", ""))
+        if self._checkpoint_error:
+            self.checkpoint_status.setStyleSheet(_ERROR_STYLE)
+            self.checkpoint_status.setText(self._checkpoint_error)
+        else:
+            self.checkpoint_status.setStyleSheet("")
+            self.checkpoint_status.setText(f"{Path(chosen).name} fits '{self.paradigm_key}'")
+        self._update_enabled()
+
+    @Slot()
+    def _on_checkpoint_change(self, *_):
+        self.set_checkpoint(self.checkpoint_combo.currentData())
+
+    @Slot()
+    def _on_open_checkpoint(self):
+        start = str(Path(self._checkpoint).parent) if self._checkpoint else ""
+        path, _ = QFileDialog.getOpenFileName(self, "Open checkpoint", start, "Checkpoints (*.pt *.pth);;All files (*)")
+        if path:
+            self.set_checkpoint(path)
+
+    def _ensure_cuda_probe(self) -> None:
+        if self._cuda is not None or self._cuda_probing:
+            return
+        self._cuda_probing = True
+
+        def done(ok):
+            self._cuda_probing = False
+            self._cuda = bool(ok)
+            if self._cuda and self.device_combo.findData("cuda") < 0:
+                self.device_combo.addItem("cuda", "cuda")
+
+        def failed(msg):
+            self._cuda_probing = False
+            self._cuda = False
+
+        workers.run_in_thread(_probe_cuda, context=self, on_done=done, on_error=failed)
+
+    @Slot()
+    def _on_defaults(self):
+        if self.form is not None:
+            self.form.reset()
+
+    # ================================================================ worker signals
+    @Slot(object)
+    def _on_worker_progress(self, p) -> None:
+        frac = p.fraction
+        if frac is None and p.total:
+            frac = p.iteration / p.total
+        if frac is not None and math.isfinite(frac):
+            self.progress_bar.setRange(0, 1000)
+            self.progress_bar.setValue(int(round(1000 * min(max(frac, 0.0), 1.0))))
+        text = str(p.stage)
+        if p.total:
+            text += f" · iteration {p.iteration}/{p.total}"
+        elif p.iteration:
+            text += f" · iteration {p.iteration}"
+        if p.loss is not None and math.isfinite(p.loss):
+            text += f" · loss {p.loss:.5g}"
+        if p.message:
+            text += f"\n{p.message}"
+        self.stage_label.setText(text)
+        self._update_loss_plot()
+
+    @Slot(object, object)
+    def _on_worker_finished(self, result, metrics) -> None:
+        self._update_loss_plot()
+        secs = self._run_ended()
+        self.progress_bar.setValue(1000)
+        dev = (metrics or {}).get("device") or getattr(result, "device", "?")
+        rt = (metrics or {}).get("runtime_s")
+        self.stage_label.setText("Finished")
+        self.elapsed_label.setText(f"{secs:.1f} s")
+        reg = f"registration {rt:.1f} s + metrics, " if isinstance(rt, (int, float)) else ""
+        self._show_status(f"{reg[:1].upper() + reg[1:]}total {secs:.1f} s, on {dev}")
+        self.run_finished.emit(result, metrics)
+
+    @Slot(str)
+    def _on_worker_failed(self, message: str) -> None:
+        self._update_loss_plot()
+        self._run_ended()
+        self.stage_label.setText("Failed")
+        self._show_status(message, error=True)
+        self.run_failed.emit(message)
+
+    @Slot()
+    def _on_worker_cancelled(self) -> None:
+        self._update_loss_plot()
+        self._run_ended()
+        self.stage_label.setText("Cancelled")
+        self._show_status("Cancelled; nothing was changed")
+        self.run_cancelled.emit()
+
+    def _run_ended(self) -> float:
+        secs = self._clock.elapsed() / 1000.0 if self._clock.isValid() else 0.0
+        self._tick.stop()
+        self._worker = None
+        self._update_enabled()
+        return secs
+
+    @Slot()
+    def _on_tick(self) -> None:
+        if self._clock.isValid():
+            self.elapsed_label.setText(f"{self._clock.elapsed() / 1000.0:.1f} s")
+
+    # ================================================================ loss curve
+    def _reset_plot(self) -> None:
+        for item, _, _ in self._curves.values():
+            self.loss_plot.removeItem(item)
+        self.loss_plot.setTitle(None)
+        self._curves = {}
+        self._loss_seen = 0
+        self._x = 0
+
+    def _update_loss_plot(self) -> None:
+        w = self._worker
+        if w is None:
+            return
+        hist = w.loss_history()
+        new = hist[self._loss_seen:]
+        if not new:
+            return
+        self._loss_seen = len(hist)
+        touched = set()
+        for stage, _it, loss in new:
+            if stage in _NO_LOSS_STAGES:
+                continue
+            if stage not in self._curves:
+                colour = _CURVE_COLOURS[len(self._curves) % len(_CURVE_COLOURS)]
+                item = self.loss_plot.plot([], [], pen=self._pg.mkPen(colour, width=1.5), name=stage)
+                self._curves[stage] = (item, [], [])
+                self._update_plot_title()
+            _, xs, ys = self._curves[stage]
+            self._x += 1
+            xs.append(float(self._x))
+            ys.append(float(loss))
+            touched.add(stage)
+        for stage in touched:
+            item, xs, ys = self._curves[stage]
+            item.setData(xs, ys)
+
+    def _update_plot_title(self) -> None:
+        # stage names in their curve colours above the plot: a legend would cover the curves
+        spans = [f'<span style="color:{item.opts["pen"].color().name()}">{stage}</span>'
+                 for stage, (item, _, _) in self._curves.items()]
+        self.loss_plot.setTitle(" · ".join(spans), size="9pt")
+
+    # ================================================================ state
+    def _show_status(self, text: str, error: bool = False) -> None:
+        self.status_label.setStyleSheet(_ERROR_STYLE if error else "")
+        self.status_label.setText(text)
+        self.status_label.setVisible(bool(text))
+
+    def _update_enabled(self) -> None:
+        running = self.is_running
+        ok = self.form is not None and not self._registrar_error
+        if ok and self.is_learned:
+            ok = not self._probing and not self._checkpoint_error
+        self.run_button.setEnabled(ok and not running)
+        self.cancel_button.setEnabled(running and not (self._worker and self._worker.cancel_requested))
+        self.paradigm_combo.setEnabled(not running)
+        self.checkpoint_combo.setEnabled(not running)
+        self.open_checkpoint_button.setEnabled(not running)
+        self.defaults_button.setEnabled(not running)
+        self.device_combo.setEnabled(not running)
+        if self.form is not None:
+            self.form.setEnabled(not running)
