@@ -1,0 +1,179 @@
+"""Colour composition of one slice view: window/level, overlay modes, Jacobian map (numpy only).
+
+All inputs are 2D arrays on the pixels of one :class:`~app.widgets.slice_geometry.PlaneGrid`
+(row 0 = bottom of the screen); the output is an RGBA ``uint8`` image of the same shape.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+OVERLAY_MODES = ("none", "blend", "checkerboard", "difference", "flicker")
+
+GRID_RGB = (1.0, 0.85, 0.1)            # deformation grid lines (drawn by the slice view)
+FOLDING_RGB = np.array([1.0, 0.0, 1.0])
+JACOBIAN_RANGE = (0.25, 4.0)     # det shown from strong compression to strong expansion (log scale)
+JACOBIAN_ALPHA = 0.55
+
+# CIE-Lab "cool to warm" control points (Moreland), det = 0.25 ... 1 ... 4 on a log scale
+_COOLWARM = np.array([
+    [0.230, 0.299, 0.754], [0.552, 0.690, 0.996], [0.865, 0.865, 0.865],
+    [0.958, 0.604, 0.482], [0.706, 0.016, 0.150]])
+
+
+def window_level(values: np.ndarray, window: float, level: float) -> np.ndarray:
+    """Map intensities to [0, 1]: ``level - window/2`` -> 0, ``level + window/2`` -> 1 (float32)."""
+    w = max(float(window), 1e-12)
+    out = (np.asarray(values, np.float32) - (level - w / 2)) / w
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def auto_window(array: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> tuple[float, float]:
+    """(window, level) spanning the given percentiles of ``array`` (subsampled for speed)."""
+    a = np.asarray(array)
+    step = max(1, int(round((a.size / 2e6) ** (1 / 3))))
+    sub = a[::step, ::step, ::step] if a.ndim == 3 else a
+    sub = sub[np.isfinite(sub)] if np.issubdtype(sub.dtype, np.floating) else sub.ravel()
+    if sub.size == 0:
+        return 1.0, 0.5
+    lo, hi = np.percentile(sub, [lo_pct, hi_pct])
+    if hi <= lo:
+        lo, hi = float(sub.min()), float(sub.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    return float(hi - lo), float((hi + lo) / 2)
+
+
+def jacobian_table(n: int = 256) -> np.ndarray:
+    """(n, 3) RGB in [0, 1] for det from JACOBIAN_RANGE[0] to [1], evenly spaced in log(det)."""
+    x = np.linspace(0, 1, len(_COOLWARM))
+    t = np.linspace(0, 1, n)
+    return np.stack([np.interp(t, x, _COOLWARM[:, c]) for c in range(3)], 1)
+
+
+def jacobian_rgb(det: np.ndarray) -> np.ndarray:
+    """Colours ``(..., 3)`` of Jacobian determinants; folding (det <= 0) in FOLDING_RGB."""
+    table = jacobian_table()
+    lo, hi = np.log(JACOBIAN_RANGE[0]), np.log(JACOBIAN_RANGE[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (np.log(np.maximum(det, 1e-12)) - lo) / (hi - lo)
+    idx = np.clip(np.round(t * (len(table) - 1)), 0, len(table) - 1).astype(int)
+    rgb = table[idx]
+    rgb[det <= 0] = FOLDING_RGB
+    return rgb
+
+
+def checker_mask(u_mm: np.ndarray, v_mm: np.ndarray, square_mm: float) -> np.ndarray:
+    """True on the 'odd' squares of a checkerboard anchored at u = v = 0 (so all views agree).
+
+    Parameters
+    ----------
+    u_mm : (nu,) pixel-centre u coordinates; v_mm : (nv,) pixel-centre v coordinates.
+    Returns (nv, nu) bool.
+    """
+    s = max(float(square_mm), 1e-6)
+    cu = np.floor(np.asarray(u_mm) / s).astype(np.int64)
+    cv = np.floor(np.asarray(v_mm) / s).astype(np.int64)
+    return ((cv[:, None] + cu[None, :]) % 2) == 1
+
+
+def compose(base: np.ndarray | None, base_inside: np.ndarray, *, overlay: np.ndarray | None = None,
+            overlay_inside: np.ndarray | None = None, mode: str = "none", opacity: float = 0.5,
+            checker: np.ndarray | None = None, false_colour: bool = False, flicker_phase: int = 0,
+            jacobian: np.ndarray | None = None,
+            jacobian_inside: np.ndarray | None = None) -> np.ndarray:
+    """Compose one view's image.
+
+    Parameters
+    ----------
+    base : (nv, nu) float in [0, 1] or None
+        The fixed image after window/level.
+    base_inside : (nv, nu) bool
+        Pixels inside the fixed grid; the others are transparent (alpha 0).
+    overlay, overlay_inside : (nv, nu) float in [0, 1] / bool, optional
+        The moving or warped image after window/level.
+    mode : one of OVERLAY_MODES
+    opacity : float in [0, 1]
+        Overlay weight in 'blend'.
+    checker : (nv, nu) bool
+        Where 'checkerboard' shows the overlay.
+    false_colour : bool
+        'blend' in green (fixed) / magenta (overlay) instead of grey.
+    flicker_phase : int
+        'flicker' shows the fixed image in phase 0 and the overlay in phase 1.
+    jacobian, jacobian_inside : (nv, nu) float / bool, optional
+        Jacobian determinant, shown as a heat map (log scale) with folding highlighted.
+
+    Returns
+    -------
+    (nv, nu, 4) uint8 RGBA.
+    """
+    if mode not in OVERLAY_MODES:
+        raise ValueError(f"unknown overlay mode '{mode}'; use one of {', '.join(OVERLAY_MODES)}")
+    nv, nu = base_inside.shape
+    b = np.zeros((nv, nu), np.float32) if base is None else base
+    rgb = np.repeat(b[..., None], 3, axis=2)
+    if overlay is not None and mode != "none":
+        ov = overlay
+        ins = np.ones_like(base_inside) if overlay_inside is None else overlay_inside
+        if mode == "blend":
+            a = float(np.clip(opacity, 0, 1))
+            if false_colour:
+                g = np.clip(2 * (1 - a), 0, 1) * b
+                m = np.clip(2 * a, 0, 1) * np.where(ins, ov, 0)
+                rgb = np.stack([m, g, m], -1)
+            else:
+                mix = np.where(ins, (1 - a) * b + a * ov, (1 - a) * b)
+                rgb = np.repeat(mix[..., None], 3, axis=2)
+        elif mode == "checkerboard":
+            sel = np.ones_like(base_inside) if checker is None else checker
+            val = np.where(sel, np.where(ins, ov, 0), b)
+            rgb = np.repeat(val[..., None], 3, axis=2)
+        elif mode == "difference":
+            d = np.abs(np.where(ins, ov, 0) - b)
+            rgb = np.repeat(d[..., None], 3, axis=2)
+        elif mode == "flicker" and flicker_phase % 2 == 1:
+            val = np.where(ins, ov, 0)
+            rgb = np.repeat(val[..., None], 3, axis=2)
+    if jacobian is not None:
+        jin = np.ones_like(base_inside) if jacobian_inside is None else jacobian_inside
+        jrgb = jacobian_rgb(jacobian)
+        alpha = np.where(jin, JACOBIAN_ALPHA, 0.0)
+        alpha = np.where(jin & (jacobian <= 0), 1.0, alpha)[..., None]
+        rgb = rgb * (1 - alpha) + jrgb * alpha
+    out = np.empty((nv, nu, 4), np.uint8)
+    out[..., :3] = np.clip(np.round(rgb * 255), 0, 255)
+    out[..., 3] = np.where(base_inside, 255, 0)
+    return out
+
+
+def label_edges(labels: np.ndarray, origin_uv, spacing_uv) -> np.ndarray:
+    """Boundaries between different labels of a 2D label slice, as line segments on pixel edges.
+
+    Parameters
+    ----------
+    labels : (nv, nu) int
+        Label ids on the plane pixels (0 = background).
+    origin_uv, spacing_uv : (2,) float
+        Plane coordinates (mm) of pixel (0, 0)'s centre and the pixel size.
+
+    Returns
+    -------
+    (M, 2, 2) float: M segments, each two (u, v) points in mm.
+    """
+    lab = np.asarray(labels)
+    (u0, v0), (du, dv) = origin_uv, spacing_uv
+    segs = []
+    # neighbours along u: a vertical edge at u between columns c and c+1
+    r, c = np.nonzero(lab[:, 1:] != lab[:, :-1])
+    if r.size:
+        u = u0 + (c + 0.5) * du
+        segs.append(np.stack([np.stack([u, v0 + (r - 0.5) * dv], -1),
+                              np.stack([u, v0 + (r + 0.5) * dv], -1)], 1))
+    r, c = np.nonzero(lab[1:, :] != lab[:-1, :])
+    if r.size:
+        v = v0 + (r + 0.5) * dv
+        segs.append(np.stack([np.stack([u0 + (c - 0.5) * du, v], -1),
+                              np.stack([u0 + (c + 0.5) * du, v], -1)], 1))
+    if not segs:
+        return np.zeros((0, 2, 2))
+    return np.concatenate(segs, 0)

@@ -1,0 +1,659 @@
+"""The RegStation main window: menus, toolbar, four-up views, docks, status bar.
+
+Layout (3D Slicer's "four-up"): axial top left, 3D top right, sagittal bottom left, coronal
+bottom right. The overlay panel docks on the left; the registration, landmark and metrics panels
+(part B) dock on the right. All view state lives in one :class:`ViewerState`; the views and
+panels listen to it and write back through its setters.
+
+Errors (unreadable files, failed runs) become a message box and leave every loaded layer as it
+was; a cancelled run keeps the previous result.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PySide6.QtCore import QStandardPaths, Qt, QTimer
+from PySide6.QtGui import QAction, QActionGroup, QKeySequence
+from PySide6.QtWidgets import (
+    QApplication,
+    QDockWidget,
+    QFileDialog,
+    QGridLayout,
+    QLabel,
+    QMainWindow,
+    QMenu,
+    QMessageBox,
+    QScrollArea,
+    QWidget,
+)
+
+from app.engine.types import Volume
+
+from . import session as session_io
+from .overlay_panel import MODES, OverlayPanel
+from .slice_geometry import nearest_voxel
+from .slice_view import SliceView
+from .view3d import View3D
+from .viewer_state import ViewerState
+
+IMAGE_FILTER = "Images (*.nii *.nii.gz *.nrrd *.nhdr *.mha *.mhd);;All files (*)"
+ROLE_TITLES = {"fixed": "fixed image", "moving": "moving image", "fixed_labels": "fixed labels",
+               "moving_labels": "moving labels"}
+
+
+def read_layer(role: str, path, reference: Optional[Volume] = None) -> Volume:
+    """Read an image (or a label map for the '*_labels' roles) through the engine's io module."""
+    from app.engine import io
+    if role.endswith("labels"):
+        return io.read_labels(str(path), reference=reference)
+    return io.read_volume(str(path))
+
+
+class MainWindow(QMainWindow):
+    """The workstation window.
+
+    Parameters
+    ----------
+    state : ViewerState, optional
+    confirm_close : bool
+        Ask before closing with unsaved results (tests turn it off).
+    autosave_dir : path, optional
+        Where landmarks are autosaved when no session file is open.
+    """
+
+    def __init__(self, state: ViewerState | None = None, *, confirm_close: bool = True,
+                 autosave_dir: str | Path | None = None):
+        super().__init__()
+        self.state = state or ViewerState()
+        self.confirm_close = confirm_close
+        self.autosave_dir = Path(autosave_dir) if autosave_dir else Path(
+            QStandardPaths.writableLocation(QStandardPaths.AppDataLocation) or Path.home() / ".regstation") / "autosave"
+        self.session_path: Optional[Path] = None
+        self.runs: list[dict] = []            # {"name", "result", "metrics"}
+        self.error_boxes: list[QMessageBox] = []
+        self.unsaved_results = False
+        self._running = False
+        self._pick_restore = None
+        self.setWindowTitle("RegStation")
+        self.setAcceptDrops(True)
+
+        self.slice_views = {o: SliceView(self.state, o) for o in ("axial", "coronal", "sagittal")}
+        self.view3d = View3D(self.state)
+        central = QWidget()
+        grid = QGridLayout(central)
+        grid.setContentsMargins(2, 2, 2, 2)
+        grid.setSpacing(3)
+        grid.addWidget(self.slice_views["axial"], 0, 0)
+        grid.addWidget(self.view3d, 0, 1)
+        grid.addWidget(self.slice_views["sagittal"], 1, 0)
+        grid.addWidget(self.slice_views["coronal"], 1, 1)
+        for i in (0, 1):
+            grid.setColumnStretch(i, 1)
+            grid.setRowStretch(i, 1)
+        self.setCentralWidget(central)
+        for v in self.slice_views.values():
+            v.clicked.connect(self._on_view_clicked)
+            v.image_changed.connect(lambda v=v: self.view3d.set_slice_image(v.orientation, v.vtk_image, v.plane))
+
+        self.overlay_panel = OverlayPanel(self.state)
+        self._add_dock("Overlays", self.overlay_panel, Qt.LeftDockWidgetArea, scroll=True)
+        self._build_part_b_docks()
+        self._build_actions()
+        self._build_menus()
+        self._build_toolbar()
+
+        self.cursor_label = QLabel("no image loaded")
+        self.cursor_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.statusBar().addPermanentWidget(self.cursor_label, 1)
+
+        self._flicker = QTimer(self)
+        self._flicker.timeout.connect(lambda: self.state.set_flicker_phase(1 - self.state.flicker_phase))
+
+        ev = self.state.events
+        ev.cursor.connect(self._on_cursor_change)
+        ev.layers.connect(self._on_layers_change)
+        ev.overlay.connect(self._on_overlay_change)
+        ev.interaction.connect(self._on_interaction_change)
+        self.resize(1400, 900)
+
+    # ------------------------------------------------------------------ construction
+    def _add_dock(self, title: str, widget: QWidget, area, scroll: bool = False) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(title.replace(" ", "_"))
+        if scroll:
+            sa = QScrollArea()
+            sa.setWidgetResizable(True)
+            sa.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+            sa.setWidget(widget)
+            sa.setMinimumWidth(widget.sizeHint().width() + sa.verticalScrollBar().sizeHint().width() + 4)
+            widget = sa
+        dock.setWidget(widget)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def _build_part_b_docks(self) -> None:
+        """Registration, landmark and metrics panels (imported lazily; missing ones get a note)."""
+        self.registration_panel = self.landmark_panel = self.metrics_panel = None
+        self._part_b_missing: list[str] = []
+        right = Qt.RightDockWidgetArea
+        docks = []
+        try:
+            from .registration_panel import RegistrationPanel
+            self.registration_panel = RegistrationPanel()
+            self.registration_panel.set_inputs_provider(self.registration_inputs)
+            p = self.registration_panel
+            p.run_started.connect(self._on_run_started)
+            p.run_finished.connect(self._on_run_finished)
+            p.run_failed.connect(self._on_run_failed)
+            p.run_cancelled.connect(self._on_run_cancelled)
+            docks.append(self._add_dock("Registration", p, right))
+        except ImportError as e:
+            self._part_b_missing.append(f"registration panel ({e.name or e})")
+        lower = []
+        try:
+            from .landmark_panel import LandmarkPanel
+            self.landmark_panel = LandmarkPanel()
+            lp = self.landmark_panel
+            lp.landmarks_changed.connect(self._on_landmarks_change)
+            lp.point_selected.connect(self._on_point_selected)
+            lp.pick_target_changed.connect(self._on_pick_target_change)
+            kept = session_io.keep_previous_autosave(session_io.landmarks_autosave_path(self))
+            if kept is not None:
+                QTimer.singleShot(0, lambda: self.statusBar().showMessage(
+                    f"Landmarks autosaved by an earlier session were kept in {kept}", 15000))
+            lp.set_autosave_path(session_io.landmarks_autosave_path(self))
+            lower.append(self._add_dock("Landmarks", lp, right))
+        except ImportError as e:
+            self._part_b_missing.append(f"landmark panel ({e.name or e})")
+        try:
+            from .metrics_panel import MetricsPanel
+            self.metrics_panel = MetricsPanel()
+            self.metrics_panel.run_selected.connect(self.select_run)
+            lower.append(self._add_dock("Metrics", self.metrics_panel, right))
+        except ImportError as e:
+            self._part_b_missing.append(f"metrics panel ({e.name or e})")
+        if len(lower) == 2:
+            self.tabifyDockWidget(lower[0], lower[1])
+            lower[0].raise_()
+        docks += lower
+        if self._part_b_missing:
+            note = QLabel("Not available in this build:\n" + "\n".join(self._part_b_missing))
+            note.setWordWrap(True)
+            note.setAlignment(Qt.AlignTop | Qt.AlignLeft)
+            docks.append(self._add_dock("Unavailable", note, right))
+        if docks:
+            self.resizeDocks(docks[:1], [340], Qt.Horizontal)
+
+    def _build_actions(self) -> None:
+        def act(text, slot, shortcut=None, checkable=False, tip=None):
+            a = QAction(text, self)
+            if shortcut:
+                a.setShortcut(QKeySequence(shortcut))
+            a.setCheckable(checkable)
+            if tip:
+                a.setStatusTip(tip)
+            a.triggered.connect(slot)
+            return a
+
+        self.act_open_fixed = act("Open &fixed image…", lambda: self._ask_open("fixed"), "Ctrl+O")
+        self.act_open_moving = act("Open &moving image…", lambda: self._ask_open("moving"), "Ctrl+Shift+O")
+        self.act_open_fixed_labels = act("Open fixed &labels…", lambda: self._ask_open("fixed_labels"))
+        self.act_open_moving_labels = act("Open moving l&abels…", lambda: self._ask_open("moving_labels"))
+        self.act_open_session = act("Open &session…", self._ask_open_session)
+        self.act_save_session = act("&Save session", self._ask_save_session, "Ctrl+S")
+        self.act_save_session_as = act("Save session &as…", lambda: self._ask_save_session(force_ask=True))
+        self.act_save_results = act("Save &results…", self._ask_save_results, "Ctrl+E",
+                                    tip="warped image, transform, displacement field, landmarks, metrics")
+        self.act_quit = act("&Quit", self.close, "Ctrl+Q")
+        self.act_reset_views = act("&Reset views", self.reset_views, "Ctrl+R")
+        self.load_actions = [self.act_open_fixed, self.act_open_moving, self.act_open_fixed_labels,
+                             self.act_open_moving_labels, self.act_open_session]
+
+        self.interaction_group = QActionGroup(self)
+        self.act_cursor = act("Cursor", lambda: self.set_interaction("cursor"), "C", True,
+                              "left click / drag moves the linked cursor")
+        self.act_window = act("Window/level", lambda: self.set_interaction("window"), "W", True,
+                              "left drag: horizontal = window, vertical = level")
+        self.act_pick_fixed = act("Pick fixed landmark", lambda: self.set_interaction("pick", "fixed"), "F", True)
+        self.act_pick_moving = act("Pick moving landmark", lambda: self.set_interaction("pick", "moving"), "M", True)
+        for a in (self.act_cursor, self.act_window, self.act_pick_fixed, self.act_pick_moving):
+            self.interaction_group.addAction(a)
+        self.act_cursor.setChecked(True)
+        if self.landmark_panel is None:
+            self.act_pick_fixed.setEnabled(False)
+            self.act_pick_moving.setEnabled(False)
+
+        self.mode_group = QActionGroup(self)
+        self.mode_actions = {}
+        for i, (key, text) in enumerate(MODES):
+            a = act(text, lambda checked=False, k=key: self.state.set_overlay(mode=k), f"Ctrl+{i + 1}", True)
+            self.mode_group.addAction(a)
+            self.mode_actions[key] = a
+        self.mode_actions[self.state.overlay.mode].setChecked(True)
+
+        def toggle(text, key):
+            a = act(text, lambda on: self.state.set_overlay(**{key: on}), checkable=True)
+            a.setChecked(getattr(self.state.overlay, key))
+            return a
+        self.toggle_actions = {k: toggle(t, k) for k, t in (
+            ("contours_fixed", "Fixed label contours"), ("contours_warped", "Warped label contours"),
+            ("grid", "Deformation grid"), ("jacobian", "Jacobian map"))}
+
+    def _build_menus(self) -> None:
+        mb = self.menuBar()
+        f = mb.addMenu("&File")
+        for a in (self.act_open_fixed, self.act_open_moving, self.act_open_fixed_labels, self.act_open_moving_labels):
+            f.addAction(a)
+        f.addSeparator()
+        f.addAction(self.act_open_session)
+        f.addAction(self.act_save_session)
+        f.addAction(self.act_save_session_as)
+        f.addSeparator()
+        f.addAction(self.act_save_results)
+        f.addSeparator()
+        f.addAction(self.act_quit)
+        v = mb.addMenu("&View")
+        m = v.addMenu("Overlay mode")
+        for a in self.mode_actions.values():
+            m.addAction(a)
+        for a in self.toggle_actions.values():
+            v.addAction(a)
+        v.addSeparator()
+        for a in (self.act_cursor, self.act_window, self.act_pick_fixed, self.act_pick_moving):
+            v.addAction(a)
+        v.addSeparator()
+        v.addAction(self.act_reset_views)
+        docks = v.addMenu("Panels")
+        for d in self.findChildren(QDockWidget):
+            docks.addAction(d.toggleViewAction())
+        h = mb.addMenu("&Help")
+        h.addAction("Mouse and keys", self._show_help)
+        h.addAction("About RegStation", self._show_about)
+
+    def _build_toolbar(self) -> None:
+        tb = self.addToolBar("Main")
+        tb.setObjectName("main_toolbar")
+        tb.addAction(self.act_open_fixed)
+        tb.addAction(self.act_open_moving)
+        tb.addSeparator()
+        for a in (self.act_cursor, self.act_window, self.act_pick_fixed, self.act_pick_moving):
+            tb.addAction(a)
+        tb.addSeparator()
+        for key in ("blend", "checkerboard", "difference", "flicker"):
+            tb.addAction(self.mode_actions[key])
+        tb.addSeparator()
+        tb.addAction(self.act_reset_views)
+        tb.addAction(self.act_save_results)
+
+    # ------------------------------------------------------------------ loading
+    def load_layer(self, role: str, path) -> bool:
+        """Read ``path`` into layer ``role``; on failure show why and keep everything as it was."""
+        if role not in ROLE_TITLES:
+            raise ValueError(f"unknown layer '{role}'; use one of {', '.join(ROLE_TITLES)}")
+        ref = {"fixed_labels": self.state.fixed, "moving_labels": self.state.moving}.get(role)
+        QApplication.setOverrideCursor(Qt.WaitCursor)
+        try:
+            vol = read_layer(role, path, ref)
+            vol.name = vol.name or Path(path).name
+            self.state.set_layer(role, vol, str(Path(path).resolve()))
+        except Exception as e:  # noqa: BLE001 - any reader failure becomes a message
+            QApplication.restoreOverrideCursor()
+            self.show_error(f"Could not open the {ROLE_TITLES[role]}", f"{Path(path).name}:\n{e}")
+            return False
+        QApplication.restoreOverrideCursor()
+        self.statusBar().showMessage(f"Loaded {ROLE_TITLES[role]}: {Path(path).name}", 5000)
+        return True
+
+    def load_pair(self, fixed, moving, fixed_labels=None, moving_labels=None) -> bool:
+        """Load a fixed/moving pair (and labels); True when all given files loaded."""
+        ok = True
+        for role, p in (("fixed", fixed), ("moving", moving), ("fixed_labels", fixed_labels),
+                        ("moving_labels", moving_labels)):
+            if p is not None:
+                ok = self.load_layer(role, p) and ok
+        return ok
+
+    def load_files(self, paths: list) -> None:
+        """Open dropped files: sessions, landmarks, or images by name and count."""
+        paths = [Path(p) for p in paths]
+        for p in [p for p in paths if p.name.endswith(".json") and not p.name.endswith(".mrk.json")]:
+            self.open_session(p)
+            return
+        images = [p for p in paths if not p.name.lower().endswith(session_io.LANDMARK_SUFFIXES)]
+        for role, p in self._roles_for(images):
+            self.load_layer(role, p)
+        marks = [p for p in paths if p.name.lower().endswith(session_io.LANDMARK_SUFFIXES)]
+        for i, p in enumerate(marks):
+            # two files: fixed then moving; one file: the side that has no points yet
+            has_fixed = self.landmark_panel is not None and any(
+                q["fixed"] is not None for q in self.landmark_panel.pairs())
+            which = ("fixed", "moving")[i] if len(marks) == 2 else ("moving" if has_fixed else "fixed")
+            self.import_landmarks(p, which)
+
+    def _roles_for(self, images: list[Path]) -> list[tuple[str, Path]]:
+        return session_io.guess_roles(images, self.state)
+
+    def import_landmarks(self, path, which: str) -> bool:
+        """Read a landmark file into the fixed or moving side of the landmark panel."""
+        if self.landmark_panel is None:
+            self.show_error("Landmarks", "The landmark panel is not available.")
+            return False
+        try:
+            n = self.landmark_panel.import_file(str(path), which)
+        except Exception as e:  # noqa: BLE001
+            self.show_error("Could not read landmarks", f"{Path(path).name}:\n{e}")
+            return False
+        self.statusBar().showMessage(f"Imported {n} {which} landmarks from {Path(path).name}", 5000)
+        return True
+
+    def _ask_open(self, role: str) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, f"Open {ROLE_TITLES[role]}", "", IMAGE_FILTER)
+        if path:
+            self.load_layer(role, path)
+
+    # ------------------------------------------------------------------ drag and drop
+    def dragEnterEvent(self, event) -> None:
+        if event.mimeData().hasUrls() and not self._running:
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        paths = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
+        if paths:
+            event.acceptProposedAction()
+            if len(paths) == 1 and not paths[0].endswith(".json") and \
+                    not paths[0].lower().endswith(session_io.LANDMARK_SUFFIXES):
+                self._ask_drop_role(Path(paths[0]), event.position().toPoint())
+            else:
+                self.load_files(paths)
+
+    def _ask_drop_role(self, path: Path, pos) -> None:
+        menu = QMenu(self)
+        for role, title in ROLE_TITLES.items():
+            menu.addAction(f"Open as {title}").setData(role)
+        chosen = menu.exec(self.mapToGlobal(pos))
+        if chosen is not None:
+            self.load_layer(chosen.data(), path)
+
+    # ------------------------------------------------------------------ registration (part B)
+    def registration_inputs(self) -> dict:
+        """What the registration panel runs on (the current layers and landmarks)."""
+        fp = mp = None
+        if self.landmark_panel is not None:
+            fp, mp = self.landmark_panel.fixed_landmarks(), self.landmark_panel.moving_landmarks()
+            fp = fp if fp is not None and len(fp) else None
+            mp = mp if mp is not None and len(mp) else None
+        st = self.state
+        return {"fixed": st.fixed, "moving": st.moving, "fixed_labels": st.fixed_labels,
+                "moving_labels": st.moving_labels, "fixed_points": fp, "moving_points": mp}
+
+    def _on_run_started(self) -> None:
+        self._running = True
+        for a in self.load_actions:
+            a.setEnabled(False)
+        self.statusBar().showMessage("Registration running…")
+
+    def _run_ended(self) -> None:
+        self._running = False
+        for a in self.load_actions:
+            a.setEnabled(True)
+
+    def _on_run_finished(self, result, metrics) -> None:
+        self._run_ended()
+        self.add_run(result, metrics or {})
+        self.statusBar().showMessage("Registration finished", 5000)
+
+    def add_run(self, result, metrics: dict, name: str | None = None) -> None:
+        """Record a finished run, show it as the warped layer and list it in the metrics panel."""
+        name = name or f"{len(self.runs) + 1}: {result.paradigm or 'run'}"
+        self.runs.append({"name": name, "result": result, "metrics": dict(metrics)})
+        if self.metrics_panel is not None:
+            self.metrics_panel.add_run(name, result, metrics)
+        self.state.set_result(result)
+        self.state.set_overlay(source="warped")
+        if self.landmark_panel is not None:
+            self.landmark_panel.set_transform(result.transform)
+        self.unsaved_results = True
+
+    def _on_run_failed(self, message: str) -> None:
+        self._run_ended()
+        self.show_error("Registration failed", str(message))
+
+    def _on_run_cancelled(self) -> None:
+        self._run_ended()
+        self.statusBar().showMessage("Registration cancelled; the previous result is kept", 5000)
+
+    def select_run(self, index: int) -> None:
+        """Show run ``index`` of the history as the warped layer."""
+        if 0 <= index < len(self.runs):
+            result = self.runs[index]["result"]
+            if result is None:
+                self.statusBar().showMessage(f"Run {self.runs[index]['name']} has no result to show", 5000)
+                return
+            self.state.set_result(result)
+            if self.landmark_panel is not None:
+                self.landmark_panel.set_transform(result.transform)
+
+    # ------------------------------------------------------------------ landmarks (part B)
+    def _on_landmarks_change(self) -> None:
+        pairs = self.landmark_panel.pairs()
+        fixed = [p["fixed"] for p in pairs if p["fixed"] is not None]
+        moving = [p["moving"] for p in pairs if p["moving"] is not None]
+        self.state.set_landmarks(np.array(fixed).reshape(-1, 3), np.array(moving).reshape(-1, 3),
+                                 self.state.selected_point)
+
+    def _on_point_selected(self, xyz) -> None:
+        p = np.asarray(xyz, float).reshape(3)
+        self.state.set_landmarks(selected=p)
+        self.state.set_cursor(p)
+
+    def _on_view_clicked(self, xyz) -> None:
+        lp = self.landmark_panel
+        if lp is not None and lp.pick_target in ("fixed", "moving"):
+            lp.add_point(lp.pick_target, np.asarray(xyz, float))
+
+    def set_interaction(self, mode: str, pick_target: str | None = None) -> None:
+        """'cursor', 'window' or 'pick' (then ``pick_target`` 'fixed' / 'moving')."""
+        if mode == "pick" and pick_target not in ("fixed", "moving"):
+            raise ValueError(f"picking needs pick_target 'fixed' or 'moving', got {pick_target!r}")
+        target = pick_target if mode == "pick" else None
+        if self.landmark_panel is not None and self.landmark_panel.pick_target != target:
+            self.landmark_panel.pick_target = target   # emits pick_target_changed -> _apply_interaction
+        self._apply_interaction(mode, target)
+
+    def _on_pick_target_change(self, which) -> None:
+        """The landmark panel's own pick buttons changed the pick target."""
+        if which in ("fixed", "moving"):
+            self._apply_interaction("pick", which)
+        elif self.state.interaction == "pick":
+            self._apply_interaction("cursor", None)
+
+    def _apply_interaction(self, mode: str, target: str | None) -> None:
+        # picking on the moving image shows the moving image; the overlay comes back afterwards
+        if mode == "pick" and target == "moving":
+            if self._pick_restore is None:
+                o = self.state.overlay
+                self._pick_restore = {"mode": o.mode, "source": o.source, "opacity": o.opacity}
+            self.state.set_overlay(mode="blend", source="moving", opacity=1.0)
+        elif self._pick_restore is not None:
+            self.state.set_overlay(**self._pick_restore)
+            self._pick_restore = None
+        self.state.set_interaction(mode)
+        action = {"cursor": self.act_cursor, "window": self.act_window}.get(mode) or (
+            self.act_pick_moving if target == "moving" else self.act_pick_fixed)
+        action.setChecked(True)
+
+    def _on_interaction_change(self, mode: str) -> None:
+        if mode == "cursor":
+            self.act_cursor.setChecked(True)
+        elif mode == "window":
+            self.act_window.setChecked(True)
+
+    # ------------------------------------------------------------------ state events
+    def _on_cursor_change(self, xyz) -> None:
+        self._update_readout()
+
+    def _on_layers_change(self, name: str) -> None:
+        st = self.state
+        if name in ("fixed", "moving") and st.result is not None:
+            # a new input invalidates the shown result; the run history stays in the metrics panel
+            st.set_result(None)
+            if self.landmark_panel is not None:
+                self.landmark_panel.set_transform(None)
+        names = [Path(st.paths[k]).name for k in ("fixed", "moving") if k in st.paths]
+        self.setWindowTitle("RegStation" + (" — " + " ← ".join(names) if names else ""))
+        self._update_readout()
+
+    def _on_overlay_change(self, changed: set) -> None:
+        o = self.state.overlay
+        if "mode" in changed:
+            self.mode_actions[o.mode].setChecked(True)
+        for k, a in self.toggle_actions.items():
+            a.blockSignals(True)
+            a.setChecked(getattr(o, k))
+            a.blockSignals(False)
+        if o.mode == "flicker":
+            self._flicker.setInterval(o.flicker_ms)
+            if not self._flicker.isActive():
+                self._flicker.start()
+        else:
+            self._flicker.stop()
+            self.state.set_flicker_phase(0)
+
+    def _update_readout(self) -> None:
+        st = self.state
+        if not st.has_data():
+            self.cursor_label.setText("no image loaded")
+            return
+        p = st.cursor
+        vals = st.values_at(p)
+        ijk = nearest_voxel(st.reference, p)
+        parts = [f"LPS ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) mm",
+                 "voxel " + (f"[{ijk[0]}, {ijk[1]}, {ijk[2]}]" if ijk else "outside")]
+        for k in ("fixed", "moving", "warped"):
+            if getattr(st, k) is not None:
+                parts.append(f"{k}: {_fmt(vals[k])}")
+        self.cursor_label.setText("   |   ".join(parts))
+
+    def reset_views(self) -> None:
+        for v in self.slice_views.values():
+            v.fit()
+            v.render()
+        self.view3d.reset_camera()
+
+    # ------------------------------------------------------------------ saving
+    def save_results(self, folder) -> list[Path]:
+        """Write the current run into ``folder`` (see :func:`app.widgets.session.save_results`)."""
+        written = session_io.save_results(self, folder)
+        self.unsaved_results = False
+        return written
+
+    def _ask_save_results(self) -> None:
+        if self.state.result is None:
+            self.show_error("Nothing to save", "Run a registration first: there is no result to save yet.")
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Save results into folder")
+        if folder:
+            try:
+                written = self.save_results(folder)
+                self.statusBar().showMessage(f"Saved {len(written)} files to {folder}", 8000)
+            except Exception as e:  # noqa: BLE001
+                self.show_error("Could not save the results", str(e))
+
+    def save_session(self, path) -> None:
+        session_io.save_session(self, path)
+        self._set_session_path(path)
+        self.unsaved_results = False
+
+    def _set_session_path(self, path) -> None:
+        self.session_path = Path(path)
+        if self.landmark_panel is not None:
+            self.landmark_panel.set_autosave_path(session_io.landmarks_autosave_path(self))
+
+    def open_session(self, path) -> bool:
+        """Restore a saved session; on failure show why and keep the current work."""
+        lp = self.landmark_panel
+        if lp is not None:
+            lp.set_autosave_path(None)   # do not overwrite the current autosave while loading
+        try:
+            session_io.load_session(self, path)
+        except Exception as e:  # noqa: BLE001
+            if lp is not None:
+                lp.set_autosave_path(session_io.landmarks_autosave_path(self))
+            self.show_error("Could not open the session", f"{Path(path).name}:\n{e}")
+            return False
+        self._set_session_path(path)
+        return True
+
+    def _ask_open_session(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open session", "", "RegStation session (*.json)")
+        if path:
+            self.open_session(path)
+
+    def _ask_save_session(self, force_ask: bool = False) -> None:
+        path = self.session_path
+        if path is None or force_ask:
+            p, _ = QFileDialog.getSaveFileName(self, "Save session", "session.json", "RegStation session (*.json)")
+            if not p:
+                return
+            path = Path(p)
+        try:
+            self.save_session(path)
+            self.statusBar().showMessage(f"Session saved to {path}", 5000)
+        except Exception as e:  # noqa: BLE001
+            self.show_error("Could not save the session", str(e))
+
+    # ------------------------------------------------------------------ messages
+    def show_error(self, title: str, message: str) -> QMessageBox:
+        """A non-blocking, window-modal error box (the event loop keeps running)."""
+        box = QMessageBox(QMessageBox.Critical, title, message, QMessageBox.Ok, self)
+        box.setAttribute(Qt.WA_DeleteOnClose)
+        box.finished.connect(lambda _=0, b=box: self.error_boxes.remove(b) if b in self.error_boxes else None)
+        self.error_boxes.append(box)
+        box.open()
+        self.statusBar().showMessage(f"{title}: {message.splitlines()[-1] if message else ''}", 8000)
+        return box
+
+    def _show_help(self) -> None:
+        QMessageBox.information(self, "Mouse and keys", (
+            "Slice views (radiological: patient right on the screen left; anterior up in axial):\n"
+            "  wheel / Up, Down / PageUp, PageDown: change slice\n"
+            "  left click or drag: move the linked cursor (Cursor mode)\n"
+            "  left drag in Window/level mode: horizontal = window, vertical = level\n"
+            "  right drag or Ctrl+left drag: zoom; Ctrl+wheel: zoom at the mouse\n"
+            "  middle drag or Shift+left drag: pan;  R: fit the slice\n"
+            "3D view: left drag rotates, right drag zooms, middle drag pans.\n"
+            "Overlay modes: Ctrl+1 … Ctrl+5.  Drop files on the window to open them."))
+
+    def _show_about(self) -> None:
+        QMessageBox.about(self, "About RegStation",
+                          "RegStation: a workstation for medical image registration "
+                          "(conventional and deep-learning paradigms, in physical space).")
+
+    # ------------------------------------------------------------------ closing
+    def closeEvent(self, event) -> None:
+        if self.confirm_close and self.unsaved_results:
+            ans = QMessageBox.question(self, "Unsaved results",
+                                       "The registration results are not saved. Quit anyway?",
+                                       QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel)
+            if ans == QMessageBox.Cancel:
+                event.ignore()
+                return
+            if ans == QMessageBox.Save:
+                self._ask_save_session()
+        if self.registration_panel is not None:
+            self.registration_panel.shutdown()
+        self._flicker.stop()
+        for v in self.slice_views.values():
+            v.close_vtk()
+        self.view3d.close_vtk()
+        super().closeEvent(event)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    return f"{v:.4g}"

@@ -1,0 +1,256 @@
+"""Persistence: session save / restore (JSON), saving results, landmark autosave, file roles.
+
+A session file holds: the image and label files (paths relative to the session file when they
+are below it, absolute otherwise), cursor, overlay settings, window/levels, per-view cameras, the
+landmark panel's and metrics panel's own dictionaries, and the run history. Each run's transform
+is written next to the session (``<stem>_runs/run<i>.h5``) so that restoring recomputes the
+warped image instead of storing it.
+
+Landmarks are autosaved by the landmark panel on every change, to ``<session>.landmarks.json``
+(:func:`landmarks_autosave_path`; the window's autosave folder before a session is saved), so
+they are never silently lost.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .main_window import MainWindow
+
+FORMAT = "regstation-session"
+LANDMARK_SUFFIXES = (".fcsv", ".mrk.json", ".csv", ".txt")
+VERSION = 1
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    return repr(o)
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _rel(p: str, base: Path) -> str:
+    try:
+        return os.path.relpath(p, base) if Path(p).resolve().is_relative_to(base.resolve()) else str(p)
+    except ValueError:
+        return str(p)
+
+
+def _abs(p: str, base: Path) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else (base / q)
+
+
+def session_dict(win: "MainWindow", path: Path) -> dict:
+    """Everything a session file stores (transforms of runs are written by :func:`save_session`)."""
+    st = win.state
+    base = path.parent
+    d = {
+        "format": FORMAT, "version": VERSION,
+        "files": {role: _rel(p, base) for role, p in st.paths.items()},
+        "cursor": [float(c) for c in st.cursor],
+        "overlay": dataclasses.asdict(st.overlay),
+        "windows": {k: list(v) for k, v in st.windows.items()},
+        "views": {o: v.view_state() for o, v in win.slice_views.items()},
+        "view3d": win.view3d.view_state(),
+        "runs": [],
+        "current_run": next((i for i, r in enumerate(win.runs) if r["result"] is st.result), None),
+    }
+    if win.landmark_panel is not None:
+        d["landmarks"] = win.landmark_panel.to_dict()
+    if win.metrics_panel is not None:
+        d["metrics_panel"] = win.metrics_panel.to_dict()
+    return d
+
+
+def save_session(win: "MainWindow", path) -> Path:
+    """Write the session JSON (and the runs' transforms beside it)."""
+    from app.engine import io
+    path = Path(path)
+    d = session_dict(win, path)
+    run_dir = path.with_name(path.stem + "_runs")
+    for i, run in enumerate(win.runs):
+        res = run["result"]
+        if res is None:
+            d["runs"].append({"name": run["name"], "transform": None, "summary": {}, "metrics": run["metrics"]})
+            continue
+        tfile = run_dir / f"run{i + 1}.h5"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        io.write_transform(res.transform, tfile)
+        d["runs"].append({"name": run["name"], "transform": _rel(str(tfile), path.parent),
+                          "summary": res.summary(), "metrics": run["metrics"]})
+    _write_json_atomic(d, path)
+    return path
+
+
+def load_session(win: "MainWindow", path) -> None:
+    """Restore a session into ``win``. Files that fail to load are reported and skipped."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"not a readable session file: {e}") from e
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ValueError(f"not a RegStation session (format '{d.get('format') if isinstance(d, dict) else '?'}')")
+    if int(d.get("version", 0)) > VERSION:
+        raise ValueError(f"session version {d.get('version')} is newer than this program ({VERSION})")
+    base = path.parent
+    st = win.state
+    st.set_result(None)
+    win.runs.clear()
+    for role in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        if role in d.get("files", {}):
+            win.load_layer(role, _abs(d["files"][role], base))
+    ov = {k: v for k, v in d.get("overlay", {}).items() if k in {f.name for f in dataclasses.fields(st.overlay)}}
+    if ov:
+        st.set_overlay(**ov)
+    for layer, wl in d.get("windows", {}).items():
+        if getattr(st, layer, None) is not None:
+            st.set_window(layer, *wl)
+    if "cursor" in d:
+        st.set_cursor(d["cursor"])
+    if win.landmark_panel is not None and "landmarks" in d:
+        win.landmark_panel.from_dict(d["landmarks"])
+    _restore_runs(win, d, base)
+    if win.metrics_panel is not None and "metrics_panel" in d:
+        win.metrics_panel.from_dict(d["metrics_panel"])
+    elif win.metrics_panel is not None:
+        for r in win.runs:
+            win.metrics_panel.add_run(r["name"], r["result"], r["metrics"])
+    cur = d.get("current_run")
+    if cur is not None and 0 <= int(cur) < len(win.runs):
+        win.select_run(int(cur))
+    for v in win.slice_views.values():
+        v.flush()
+    for o, vs in d.get("views", {}).items():
+        if o in win.slice_views:
+            win.slice_views[o].set_view_state(vs)
+    if "view3d" in d:
+        win.view3d.set_view_state(d["view3d"])
+
+
+def _restore_runs(win: "MainWindow", d: dict, base: Path) -> None:
+    """Rebuild each run from its transform: warped = moving resampled on the fixed grid."""
+    st = win.state
+    if not d.get("runs") or st.fixed is None or st.moving is None:
+        return
+    from app.engine import io, spatial
+    from app.engine.types import RegistrationResult
+    failed = []
+    for r in d["runs"]:
+        try:
+            if not r.get("transform"):
+                raise ValueError("no transform was saved for this run")
+            t = io.read_transform(str(_abs(r["transform"], base)))
+            s = r.get("summary", {})
+            res = RegistrationResult(transform=t, warped=spatial.resample(st.moving, st.fixed, t),
+                                     timings=s.get("timings", {}), device=s.get("device", "cpu"),
+                                     paradigm=s.get("paradigm", ""), params=s.get("params", {}),
+                                     checkpoint_id=s.get("checkpoint"))
+            win.runs.append({"name": r.get("name", f"{len(win.runs) + 1}"), "result": res,
+                             "metrics": r.get("metrics", {})})
+        except Exception as e:  # noqa: BLE001 - a missing run file must not stop the session
+            failed.append(f"{r.get('name', '?')}: {e}")
+            # keep the slot, so run indices still match the metrics panel's history
+            win.runs.append({"name": r.get("name", "?"), "result": None, "metrics": r.get("metrics", {})})
+    if failed:
+        win.show_error("Some runs could not be restored", "\n".join(failed))
+
+
+def landmarks_autosave_path(win: "MainWindow") -> Path:
+    """Where the landmark panel autosaves: next to the session file, else in the autosave folder."""
+    if win.session_path is not None:
+        return win.session_path.with_name(win.session_path.stem + ".landmarks.json")
+    return Path(win.autosave_dir) / "landmarks.json"
+
+
+def keep_previous_autosave(path: Path) -> Path | None:
+    """Move an autosave file that holds landmarks to ``*.previous.json`` (so a new session does
+    not overwrite landmarks a crashed or unsaved session left behind). Returns the new path."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(d, dict) and d.get("pairs")):
+        return None
+    backup = path.with_name(path.name.replace(".json", "") + ".previous.json")
+    os.replace(path, backup)
+    return backup
+
+
+def save_results(win: "MainWindow", folder) -> list[Path]:
+    """Write the current run: warped image, transform (.h5, plus .tfm when linear), displacement
+    field (mm, LPS; computed from the transform when the run has none), warped labels, landmarks
+    (.mrk.json) and metrics (JSON, plus the history of all runs) into ``folder``."""
+    st = win.state
+    if st.result is None:
+        raise ValueError("there is no registration result to save; run a registration first")
+    from app.engine import io
+    from app.engine.evaluation import write_json, write_registration
+    metrics = next((r["metrics"] for r in win.runs if r["result"] is st.result), {})
+    out = Path(folder)
+    written = list(write_registration(out, st.result, metrics))
+    if st.result.transform.is_linear:
+        io.write_transform(st.result.transform, out / "transform.tfm")
+        written.append(out / "transform.tfm")
+    if st.result.field is None and st.field() is not None:
+        io.write_field(st.field(), out / "field.nii.gz")
+        written.append(out / "field.nii.gz")
+    if win.landmark_panel is not None:
+        for which, lms in (("fixed", win.landmark_panel.fixed_landmarks()),
+                           ("moving", win.landmark_panel.moving_landmarks())):
+            if lms is not None and len(lms):
+                io.write_landmarks(lms, out / f"{which}_landmarks.mrk.json")
+                written.append(out / f"{which}_landmarks.mrk.json")
+    write_json({"runs": [{"name": r["name"], "summary": r["result"].summary() if r["result"] is not None else {},
+                          "metrics": r["metrics"]} for r in win.runs]}, out / "runs.json")
+    written.append(out / "runs.json")
+    return written
+
+
+def is_label_name(name: str) -> bool:
+    """Whether a file name looks like a label map ('label', 'seg', 'mask', ...)."""
+    n = name.lower()
+    return any(k in n for k in ("label", "seg", "mask", "aseg", "parc", "dlmuse"))
+
+
+def guess_roles(images: list[Path], state) -> list[tuple[str, Path]]:
+    """Guess the layer of each dropped image file: 'fixed' / 'moving' in the name when present,
+    label maps by name, otherwise the order of the files (first fixed, then moving), preferring
+    layers that are still empty."""
+    roles: dict[str, Path] = {}
+    rest = []
+    for p in images:
+        n = Path(p).name.lower()
+        side = "fixed" if "fixed" in n else "moving" if "moving" in n else None
+        role = None if side is None else side + ("_labels" if is_label_name(n) else "")
+        if role is not None and role not in roles:
+            roles[role] = Path(p)
+        else:
+            rest.append(Path(p))
+    for p in rest:
+        kinds = ("fixed_labels", "moving_labels") if is_label_name(p.name) else ("fixed", "moving")
+        free = [r for r in kinds if r not in roles and getattr(state, r) is None]
+        taken = [r for r in kinds if r not in roles]
+        if free or taken:
+            roles[(free or taken)[0]] = p
+    return list(roles.items())
