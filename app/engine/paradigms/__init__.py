@@ -11,10 +11,16 @@ from .base import Registrar, make_params, param, parse_param_args, validate_para
 
 REGISTRY: dict[str, str] = {
     "iterative": "app.engine.paradigms.iterative:IterativeRegistrar",
+    "unsupervised": "app.engine.paradigms.unsupervised:UnsupervisedRegistrar",
+    "weakly": "app.engine.paradigms.weakly:WeaklyRegistrar",
+    "instance": "app.engine.paradigms.instance:InstanceRegistrar",
 }
 
 DESCRIPTIONS: dict[str, str] = {
     "iterative": "Conventional: SimpleITK rigid -> affine -> deformable optimisation, multi-resolution",
+    "unsupervised": "Unsupervised end-to-end: learned affine + U-Net field (optionally diffeomorphic), image similarity",
+    "weakly": "Weakly supervised: as unsupervised, trained with Dice on warped labels (labels needed only in training)",
+    "instance": "One-shot instance optimisation: a field optimised on this pair alone (Adam, multi-level)",
 }
 
 

@@ -1,0 +1,164 @@
+"""Training / optimisation losses. Every function returns a scalar *loss* (lower is better).
+
+Images are ``(B, C, *spatial)`` with 2 or 3 spatial dimensions; displacements are
+``(B, ndim, *spatial)`` in voxels. Nothing here hard-codes a device: tensors stay where they are.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, name: str) -> int:
+    if a.shape != b.shape:
+        raise ValueError(f"{name}: inputs must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dim() not in (4, 5):
+        raise ValueError(f"{name}: expected (B, C, H, W) or (B, C, D, H, W), got {tuple(a.shape)}")
+    return a.dim() - 2
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of two images (B, C, [D,] H, W) of the same shape."""
+    _check_pair(a, b, "mse")
+    return torch.mean((a - b) ** 2)
+
+
+def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+    """Negative mean local (squared) normalised cross-correlation, as in VoxelMorph.
+
+    For every voxel, ``cc = cov(a, b)**2 / (var(a) var(b) + eps)`` over a cubic ``window`` (voxels,
+    odd); the loss is ``-mean(cc)`` in [-1, 0] (-1: perfectly correlated everywhere).
+
+    Parameters
+    ----------
+    a, b : torch.Tensor (B, 1, [D,] H, W)
+    window : odd int >= 1
+    """
+    nd = _check_pair(a, b, "lncc")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"lncc window must be an odd number >= 1, got {window}")
+    pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
+    pad = window // 2
+
+    def mean(x):
+        # count_include_pad=False: border means are over the voxels inside the image only.
+        return pool(x, window, stride=1, padding=pad, count_include_pad=False)
+
+    mu_a, mu_b = mean(a), mean(b)
+    cross = mean(a * b) - mu_a * mu_b
+    var_a = (mean(a * a) - mu_a * mu_a).clamp_min(0)
+    var_b = (mean(b * b) - mu_b * mu_b).clamp_min(0)
+    cc = cross * cross / (var_a * var_b + eps)
+    return -torch.mean(cc)
+
+
+def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5,
+                       value_range: tuple[float, float] = (0.0, 1.0), max_samples: int | None = 65536) -> torch.Tensor:
+    """Negative mutual information (nats) with Gaussian Parzen windows (differentiable).
+
+    Parameters
+    ----------
+    a, b : torch.Tensor (B, C, [D,] H, W), intensities expected in ``value_range`` (clamped).
+    bins : number of histogram bins per image.
+    sigma_ratio : Parzen window width as a fraction of the bin spacing.
+    max_samples : voxels used per batch element (a fixed, evenly strided subset) to bound memory.
+
+    Returns
+    -------
+    Scalar ``-MI`` averaged over the batch (MI >= 0, so the loss is <= 0).
+    """
+    _check_pair(a, b, "mutual_information")
+    if bins < 2:
+        raise ValueError(f"mutual_information needs at least 2 bins, got {bins}")
+    lo, hi = value_range
+    bsz = a.shape[0]
+    fa = a.reshape(bsz, -1)
+    fb = b.reshape(bsz, -1)
+    if max_samples is not None and fa.shape[1] > max_samples:
+        stride = fa.shape[1] // max_samples
+        fa, fb = fa[:, ::stride], fb[:, ::stride]
+    centres = torch.linspace(lo, hi, bins, dtype=a.dtype, device=a.device)
+    sigma = sigma_ratio * (hi - lo) / (bins - 1)
+
+    def weights(x):
+        x = x.clamp(lo, hi).unsqueeze(-1)                         # (B, N, 1)
+        w = torch.exp(-0.5 * ((x - centres) / sigma) ** 2)         # (B, N, bins)
+        return w / (w.sum(-1, keepdim=True) + 1e-12)
+
+    wa, wb = weights(fa), weights(fb)
+    joint = torch.einsum("bni,bnj->bij", wa, wb) / fa.shape[1]     # (B, bins, bins)
+    pa = joint.sum(2, keepdim=True)
+    pb = joint.sum(1, keepdim=True)
+    eps = 1e-10
+    mi = torch.sum(joint * (torch.log(joint + eps) - torch.log(pa * pb + eps)), dim=(1, 2))
+    return -mi.mean()
+
+
+def dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``1 - mean soft Dice`` over batch and channels.
+
+    Parameters
+    ----------
+    fixed_onehot, warped_onehot : torch.Tensor (B, K, [D,] H, W)
+        One channel per label (no background channel needed), values in [0, 1]; the warped one is
+        usually a one-hot map warped with trilinear interpolation (soft).
+    """
+    _check_pair(fixed_onehot, warped_onehot, "dice_loss")
+    dims = tuple(range(2, fixed_onehot.dim()))
+    inter = (fixed_onehot * warped_onehot).sum(dims)
+    denom = fixed_onehot.sum(dims) + warped_onehot.sum(dims)
+    dice = (2 * inter + eps) / (denom + eps)
+    return 1 - dice.mean()
+
+
+def _check_disp(disp: torch.Tensor, name: str) -> int:
+    if disp.dim() not in (4, 5) or disp.shape[1] != disp.dim() - 2:
+        raise ValueError(f"{name}: displacement must be (B, 2, H, W) or (B, 3, D, H, W), got {tuple(disp.shape)}")
+    return disp.dim() - 2
+
+
+def gradient_l2(disp: torch.Tensor) -> torch.Tensor:
+    """Diffusion regulariser: mean over axes of the mean squared forward difference.
+
+    ``disp`` (B, nd, *spatial) in voxels. For a linear field ``u = c * x`` along one axis it equals
+    ``c**2 * (number of components with that slope) / nd``.
+    """
+    nd = _check_disp(disp, "gradient_l2")
+    total = 0.0
+    for ax in range(2, 2 + nd):
+        d = torch.diff(disp, dim=ax)
+        total = total + torch.mean(d * d)
+    return total / nd
+
+
+def bending_energy(disp: torch.Tensor) -> torch.Tensor:
+    """Thin-plate bending energy ``sum_ij mean((d2 u / dx_i dx_j)^2)``.
+
+    Second derivatives by central differences in voxel units over the interior voxels (one voxel
+    cropped at each face); mixed terms count twice (ij and ji). Each mean runs over batch,
+    components and voxels, so a field whose only non-zero component is ``x_k**2`` gives ``4 / nd``.
+
+    ``disp`` (B, nd, *spatial) with every spatial size >= 3.
+    """
+    nd = _check_disp(disp, "bending_energy")
+    if min(disp.shape[2:]) < 3:
+        raise ValueError(f"bending_energy needs at least 3 voxels per axis, got {tuple(disp.shape[2:])}")
+    inner = tuple(slice(1, -1) for _ in range(nd))
+
+    def d1(x, ax):
+        # central first difference along spatial axis ax (0-based), same size (edges cropped later)
+        return (torch.roll(x, -1, 2 + ax) - torch.roll(x, 1, 2 + ax)) / 2
+
+    def d2(x, ax):
+        return torch.roll(x, -1, 2 + ax) - 2 * x + torch.roll(x, 1, 2 + ax)
+
+    total = 0.0
+    for i in range(nd):
+        t = d2(disp, i)[(slice(None), slice(None)) + inner]
+        total = total + torch.mean(t * t)
+        for j in range(i + 1, nd):
+            # valid on the interior: each central difference reads one neighbour per axis
+            m = d1(d1(disp, i), j)
+            m = m[(slice(None), slice(None)) + inner]
+            total = total + 2 * torch.mean(m * m)
+    return total

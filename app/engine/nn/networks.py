@@ -1,0 +1,260 @@
+"""Small registration networks that store their constructor config (checkpoints rebuild them).
+
+* :class:`DeformableNet` - a compact 3D U-Net on (fixed, moving) that predicts a displacement or a
+  stationary velocity at ``2**out_level`` times coarser than its input, integrates it (when
+  diffeomorphic) and upsamples it (trilinear, rescaled) to the input grid.
+* :class:`AffineNet` - a strided CNN regressing a 3x4 affine, initialised to the identity.
+* :class:`TwoStageNet` - affine then deformable, the DLIR-style model the learned paradigms ship.
+
+``build_model(config)`` rebuilds any of them from ``model.config``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import integrate_velocity, resize_field
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+
+
+def _check_pair(fixed: torch.Tensor, moving: torch.Tensor) -> None:
+    if fixed.dim() != 5 or fixed.shape != moving.shape or fixed.shape[1] != 1:
+        raise ValueError(f"fixed and moving must both be (B, 1, D, H, W), got {tuple(fixed.shape)} "
+                         f"and {tuple(moving.shape)}")
+
+
+class FieldPrediction(NamedTuple):
+    """Output of :class:`DeformableNet`.
+
+    disp_vox : (B, 3, D, H, W) displacement on the input grid, zyx voxels of that grid.
+    raw_vox : (B, 3, d, h, w) what the head predicted at its own resolution (the velocity when
+        diffeomorphic, else the coarse displacement), zyx voxels of the *input* grid; regularise it.
+    """
+
+    disp_vox: torch.Tensor
+    raw_vox: torch.Tensor
+
+
+class DeformableNet(nn.Module):
+    """U-Net (fixed, moving) -> dense displacement, VoxelMorph-style but smaller.
+
+    Parameters
+    ----------
+    enc : channels of the encoder levels; level ``k`` runs at ``2**k`` coarser than the input
+        (level 0 is a stride-1 conv at input resolution).
+    dec : channels of the decoder convs, from the coarsest level up to ``out_level``.
+    out_level : resolution level of the predicted field (0 = input grid, 1 = half, ...).
+    diffeomorphic : predict a stationary velocity and integrate it by scaling and squaring.
+    int_steps : number of squarings.
+    """
+
+    def __init__(self, enc=(8, 16, 32, 32), dec=(32, 32, 16), out_level: int = 1,
+                 diffeomorphic: bool = False, int_steps: int = 7):
+        super().__init__()
+        enc, dec = tuple(int(c) for c in enc), tuple(int(c) for c in dec)
+        n_up = len(enc) - 1 - out_level
+        if out_level < 0 or out_level >= len(enc) or len(dec) != n_up + 1:
+            raise ValueError(f"DeformableNet: with {len(enc)} encoder levels and out_level={out_level} "
+                             f"the decoder needs {max(n_up + 1, 0)} channel counts, got {len(dec)}")
+        self.config = {"kind": "deformable", "enc": list(enc), "dec": list(dec), "out_level": int(out_level),
+                       "diffeomorphic": bool(diffeomorphic), "int_steps": int(int_steps)}
+        self.out_level = out_level
+        self.diffeomorphic = diffeomorphic
+        self.int_steps = int_steps
+        self.down = nn.ModuleList()
+        cin = 2
+        for k, c in enumerate(enc):
+            self.down.append(_conv(cin, c, stride=1 if k == 0 else 2))
+            cin = c
+        self.bottom = _conv(cin, dec[0])
+        self.up = nn.ModuleList()
+        cin = dec[0]
+        for i in range(n_up):
+            skip = enc[len(enc) - 2 - i]
+            self.up.append(_conv(cin + skip, dec[i + 1]))
+            cin = dec[i + 1]
+        self.head = nn.Conv3d(cin, 3, 3, padding=1)
+        # Start near the identity: tiny random weights, zero bias.
+        nn.init.normal_(self.head.weight, 0.0, 1e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> FieldPrediction:
+        """fixed, moving (B, 1, D, H, W) on the same grid -> :class:`FieldPrediction`."""
+        _check_pair(fixed, moving)
+        x = torch.cat([fixed, moving], 1)
+        skips = []
+        for layer in self.down:
+            x = layer(x)
+            skips.append(x)
+        x = self.bottom(x)
+        for i, layer in enumerate(self.up):
+            skip = skips[len(skips) - 2 - i]
+            x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+            x = layer(torch.cat([x, skip], 1))
+        raw_own = self.head(x)                                     # voxels of its own grid
+        # Express in voxels of the input grid (the head's grid is 2**out_level coarser), then
+        # integrate at the coarse resolution (cheap) and upsample.
+        raw = raw_own
+        if self.diffeomorphic:
+            raw_own = integrate_velocity(raw_own, self.int_steps)
+        disp = resize_field(raw_own, fixed.shape[2:])
+        raw_in = raw * torch.tensor([f / r for f, r in zip(fixed.shape[2:], raw.shape[2:])],
+                                    dtype=raw.dtype, device=raw.device).view(1, 3, 1, 1, 1)
+        return FieldPrediction(disp, raw_in)
+
+
+class AffineNet(nn.Module):
+    """Strided CNN (fixed, moving) -> affine ``theta`` (B, 3, 4), the identity at initialisation.
+
+    ``theta`` maps fixed points to moving points in the *centred coordinates of the input grid in
+    mm* along its index axes, ordered (z, y, x): ``p_moving = theta[:, :3] @ p_fixed + theta[:, 3]``
+    (:func:`app.engine.nn.geometry.theta_to_physical` converts it to an LPS transform).
+
+    Parameters
+    ----------
+    channels : channels of the stride-2 conv levels.
+    translation_scale_mm : the translation head's unit (keeps its outputs of order 1).
+    input_pool : average-pool the inputs by this factor first (an affine needs no fine detail; 2
+        makes the network ~8x cheaper).
+    """
+
+    def __init__(self, channels=(8, 16, 32, 32, 32), translation_scale_mm: float = 20.0, input_pool: int = 1):
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        self.config = {"kind": "affine", "channels": list(channels), "translation_scale_mm": float(translation_scale_mm),
+                       "input_pool": int(input_pool)}
+        self.input_pool = int(input_pool)
+        layers, cin = [], 2
+        for c in channels:
+            layers.append(_conv(cin, c, stride=2))
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool3d(2)       # keeps coarse position (needed for translation)
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(cin * 8, 64), nn.LeakyReLU(0.2), nn.Linear(64, 12))
+        nn.init.zeros_(self.fc[-1].weight)
+        nn.init.zeros_(self.fc[-1].bias)
+        self.translation_scale_mm = float(translation_scale_mm)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """fixed, moving (B, 1, D, H, W) -> theta (B, 3, 4) (centred grid mm, zyx)."""
+        _check_pair(fixed, moving)
+        x = torch.cat([fixed, moving], 1)
+        if self.input_pool > 1:
+            x = F.avg_pool3d(x, self.input_pool, ceil_mode=True)
+        out = self.fc(self.pool(self.features(x)))
+        lin = out[:, :9].reshape(-1, 3, 3) + torch.eye(3, dtype=out.dtype, device=out.device)
+        trans = out[:, 9:].reshape(-1, 3, 1) * self.translation_scale_mm
+        return torch.cat([lin, trans], 2)
+
+
+class FlowAffineNet(nn.Module):
+    """Affine stage by dense correspondence: a coarse U-Net flow, then a weighted least-squares affine.
+
+    The inputs are average-pooled by ``input_pool``; a :class:`DeformableNet` predicts a displacement
+    ``u`` on that grid and the affine ``theta`` (same frame and convention as :class:`AffineNet`) is
+    fitted in closed form to ``q -> q + u(q)`` over the fixed image's foreground (weights
+    ``clamp(fixed / 0.1, 0, 1)``), with a small ridge towards the identity. Dense correspondences
+    are much quicker to learn than a direct regression of 12 numbers, and the fit is exactly the
+    identity at initialisation (``u`` ~ 0).
+
+    Parameters
+    ----------
+    enc, dec, out_level : of the inner :class:`DeformableNet` (on the pooled grid).
+    input_pool : pooling factor of the inputs.
+    spacing_mm : the working grid's (isotropic) spacing, to express ``theta``'s translation in mm.
+    """
+
+    def __init__(self, enc=(16, 32, 32, 32), dec=(32, 32, 32, 16), out_level: int = 0, input_pool: int = 2,
+                 spacing_mm: float = 4.0, ridge: float = 1e-3):
+        super().__init__()
+        self.config = {"kind": "affine_flow", "enc": [int(c) for c in enc], "dec": [int(c) for c in dec],
+                       "out_level": int(out_level), "input_pool": int(input_pool), "spacing_mm": float(spacing_mm),
+                       "ridge": float(ridge)}
+        self.flow_net = DeformableNet(enc, dec, out_level, diffeomorphic=False)
+        self.input_pool = int(input_pool)
+        self.spacing_mm = float(spacing_mm)
+        self.ridge = float(ridge)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool3d(x, self.input_pool, ceil_mode=True) if self.input_pool > 1 else x
+
+    def flow(self, fixed: torch.Tensor, moving: torch.Tensor) -> FieldPrediction:
+        """Dense displacement on the pooled grid (pooled voxels, zyx)."""
+        _check_pair(fixed, moving)
+        return self.flow_net(self.pooled(fixed), self.pooled(moving))
+
+    def fit(self, disp_vox: torch.Tensor, weights: torch.Tensor, full_shape) -> torch.Tensor:
+        """Weighted least-squares affine of ``q -> q + u(q)`` in the theta frame (mm): (B, 3, 4).
+
+        disp_vox (B, 3, d, h, w) pooled voxels; weights (B, 1, d, h, w); full_shape: working grid.
+        """
+        b = disp_vox.shape[0]
+        dev = disp_vox.device
+        st = self.input_pool
+        # Centres of avg_pool's cells (ceil_mode: the last cell may be shorter), in centred mm of the
+        # working grid; one pooled voxel of displacement is ``input_pool`` working voxels.
+        axes = []
+        for n_full, n in zip(full_shape, disp_vox.shape[2:]):
+            i = torch.arange(n, dtype=torch.float64, device=dev)
+            hi = torch.clamp(i * st + st, max=n_full) - 1
+            axes.append(((i * st + hi) / 2 - (n_full - 1) / 2) * self.spacing_mm)
+        q = torch.stack(torch.meshgrid(*axes, indexing="ij"), 0).reshape(3, -1)                   # (3, N)
+        u = disp_vox.double().reshape(b, 3, -1) * (st * self.spacing_mm)                           # (B, 3, N)
+        w = weights.double().reshape(b, 1, -1)
+        x = torch.cat([q.expand(b, 3, -1), torch.ones_like(w)], 1)                                  # (B, 4, N)
+        y = q + u                                                                                    # (B, 3, N)
+        xtx = (x * w) @ x.transpose(1, 2)                                                            # (B, 4, 4)
+        xty = (x * w) @ y.transpose(1, 2)                                                            # (B, 4, 3)
+        lam = self.ridge * xtx.diagonal(dim1=1, dim2=2)[:, :3].sum(1).view(b, 1, 1) / 3
+        reg = torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64, device=disp_vox.device))
+        ident = torch.cat([torch.eye(3, dtype=torch.float64, device=disp_vox.device),
+                           torch.zeros(3, 1, dtype=torch.float64, device=disp_vox.device)], 1)
+        sol = torch.linalg.solve(xtx + lam * reg, xty + lam * (reg @ ident.T))                      # (B, 4, 3)
+        return sol.transpose(1, 2)
+
+    def forward_with_flow(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, FieldPrediction]:
+        """(theta (B, 3, 4) float64, the pooled flow)."""
+        pred = self.flow(fixed, moving)
+        weights = torch.clamp(self.pooled(fixed) / 0.1, 0, 1)
+        return self.fit(pred.disp_vox, weights, fixed.shape[2:]), pred
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """fixed, moving (B, 1, D, H, W) -> theta (B, 3, 4) (centred grid mm, zyx), float64."""
+        return self.forward_with_flow(fixed, moving)[0]
+
+
+class TwoStageNet(nn.Module):
+    """An affine net (applied ``affine_iterations`` times, recursively) followed by a
+    :class:`DeformableNet`; one state dict, one config."""
+
+    def __init__(self, affine: dict | None = None, deformable: dict | None = None, affine_iterations: int = 1):
+        super().__init__()
+        if affine_iterations < 1:
+            raise ValueError(f"affine_iterations must be >= 1, got {affine_iterations}")
+        self.affine = build_model(affine or {"kind": "affine"})
+        self.deformable = build_model(deformable or {"kind": "deformable"})
+        self.affine_iterations = int(affine_iterations)
+        if not isinstance(self.affine, (AffineNet, FlowAffineNet)) or not isinstance(self.deformable, DeformableNet):
+            raise ValueError("TwoStageNet needs an affine and a deformable config")
+        self.config = {"kind": "two_stage", "affine": dict(self.affine.config),
+                       "deformable": dict(self.deformable.config), "affine_iterations": self.affine_iterations}
+
+
+_KINDS = {"deformable": DeformableNet, "affine": AffineNet, "affine_flow": FlowAffineNet, "two_stage": TwoStageNet}
+
+
+def build_model(config: dict) -> nn.Module:
+    """Rebuild a network from its ``config`` (``model.config``); raises ValueError if unknown."""
+    if not isinstance(config, dict) or config.get("kind") not in _KINDS:
+        raise ValueError(f"unknown network config {config!r}; kinds: {', '.join(_KINDS)}")
+    kw = {k: v for k, v in config.items() if k != "kind"}
+    try:
+        return _KINDS[config["kind"]](**kw)
+    except TypeError as e:
+        raise ValueError(f"network config {config!r} does not fit {config['kind']}: {e}") from None
