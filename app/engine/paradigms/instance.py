@@ -43,8 +43,9 @@ class InstanceParams:
     """Parameters of :class:`InstanceRegistrar` (metadata: help, range, choices)."""
 
     prealign: str = param("affine", "initial alignment before the field is optimised: rigid+affine with the "
-                          "iterative paradigm, or none (physical coordinates as they are)",
-                          choices=("affine", "none"))
+                          "iterative paradigm, a learned paradigm's full result (instance optimisation after "
+                          "unsupervised / weakly, with its bundled or given checkpoint), or none",
+                          choices=("affine", "unsupervised", "weakly", "none"))
     similarity: str = param("lncc", "image similarity: local NCC (same modality), normalised MSE, or mutual "
                             "information (multimodal)", choices=SIMILARITIES)
     lncc_window: int = param(5, "local NCC window (voxels of each pyramid level, odd)", range=(3, 21))
@@ -53,9 +54,9 @@ class InstanceParams:
     integration_steps: int = param(7, "scaling-and-squaring steps (diffeomorphic)", range=(1, 12))
     regulariser: str = param("diffusion", "smoothness penalty on the field: diffusion (squared gradient) or "
                              "bending energy", choices=REGULARISERS)
-    smoothness: float = param(1.0, "weight of the smoothness penalty (larger is smoother)", range=(0.0, 1000.0))
+    smoothness: float = param(0.5, "weight of the smoothness penalty (larger is smoother)", range=(0.0, 1000.0))
     levels: str = param("4,2,1", "pyramid shrink factors of the fixed grid, coarse to fine")
-    iterations: str = param("80,40,20", "Adam iterations per level (one number for every level, or one per level)")
+    iterations: str = param("60,30,10", "Adam iterations per level (one number for every level, or one per level)")
     field_downsample: int = param(2, "the field is parameterised this many times coarser than each level's "
                                   "grid and upsampled (trilinear)", range=(1, 8))
     learning_rate: float = param(0.1, "Adam step size (voxels of the field grid)", range=(1e-4, 10.0))
@@ -92,7 +93,9 @@ class InstanceRegistrar:
             Defaults when None; validated (ValueError when out of range).
         moving_labels : LabelMap, optional
             Resampled (nearest) through the final transform into ``warped_labels``.
-        fixed_labels, fixed_points, moving_points, checkpoint
+        checkpoint : path, optional
+            For ``prealign`` 'unsupervised' / 'weakly': the learned model (default: the bundled one).
+        fixed_labels, fixed_points, moving_points
             Unused (accepted for the common interface).
         progress : callable, optional
             Called with :class:`Progress` once per iteration (stage 'rigid'/'affine' for the
@@ -112,10 +115,17 @@ class InstanceRegistrar:
         _check_inputs(fixed, moving)
         t_start = time.perf_counter()
         check_cancel(cancel)
-        initial = _prealign(fixed, moving, progress, cancel) if p.prealign == "affine" else Transform.identity()
+        if p.prealign == "affine":
+            initial = _prealign(fixed, moving, progress, cancel)
+        elif p.prealign in ("unsupervised", "weakly"):
+            from . import get
+            initial = get(p.prealign).register(fixed, moving, None, checkpoint=checkpoint, progress=progress,
+                                               cancel=cancel, device=device).transform
+        else:
+            initial = Transform.identity()
         pre_s = time.perf_counter() - t_start
         result = refine(fixed, moving, initial, p, moving_labels=moving_labels, progress=progress,
-                        cancel=cancel, device=device, _fraction_start=0.1 if p.prealign == "affine" else 0.0)
+                        cancel=cancel, device=device, _fraction_start=0.0 if p.prealign == "none" else 0.1)
         result.timings = {"prealign": pre_s, **{k: v for k, v in result.timings.items() if k != "initial"},
                           "total": time.perf_counter() - t_start}
         return result
