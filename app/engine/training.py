@@ -276,7 +276,13 @@ def _build_model(cfg: TrainConfig) -> tuple[TwoStageNet, dict | None, int, dict]
     model = build_model(net_cfg)
     model.affine.load_state_dict(ck_aff["model"].affine.state_dict(), strict=True)
     loaded = {"affine": str(cfg.init_affine or cfg.init)}
-    if ck is not None and ck["model"].deformable.config == model.deformable.config:
+    def same_shapes(a: dict, b: dict) -> bool:
+        # a plain displacement net is a good start for a velocity net of the same shape (exp(v) ~ v
+        # for small v), so only the integration options may differ
+        ignore = ("diffeomorphic", "int_steps")
+        return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+
+    if ck is not None and same_shapes(ck["model"].deformable.config, model.deformable.config):
         model.deformable.load_state_dict(ck["model"].deformable.state_dict(), strict=True)
         loaded["deformable"] = str(cfg.init)
     inherited = {"init": {"stages_loaded": loaded,
