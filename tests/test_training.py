@@ -181,3 +181,13 @@ def test_field_upsampling_fast_path_matches_physical_interpolation():
     k = torch.as_tensor(np.linalg.inv(G.grid_matrix(work)) @ G.grid_matrix(fixed))[None]
     slow = G.sample_through(disp, k, fixed.shape, padding_mode="border")
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+@needs_ixi
+def test_cache_without_labels_is_refreshed_when_labels_are_needed(tmp_path):
+    prep = D.Preprocessing(grid_shape=(18, 24, 24), spacing_mm=10.0)
+    name = D.load_split()["train"][:1]
+    assert D.load_subjects(name, prep, with_labels=False, cache_dir=tmp_path)[0].labels is None
+    again = D.load_subjects(name, prep, with_labels=True, cache_dir=tmp_path)[0]
+    assert again.labels is not None and again.labels.max() > 0
+    assert D.load_subjects(name, prep, with_labels=True, cache_dir=tmp_path)[0].labels is not None

@@ -221,8 +221,10 @@ def load_subjects(names: list[str], prep: Preprocessing, root=DEFAULT_IXI_ROOT, 
     key = hashlib.sha1(json.dumps([prep.to_dict(), str(root)], sort_keys=True).encode()).hexdigest()[:12]
     for i, name in enumerate(names):
         cache = Path(cache_dir) / f"{name}_{key}.npz" if cache_dir else None
-        if cache is not None and cache.exists():
-            z = np.load(cache)
+        z = np.load(cache) if cache is not None and cache.exists() else None
+        if z is not None and with_labels and "labels" not in z.files and ixi_paths(name, root)[1].exists():
+            z = None          # cached without labels: preprocess again (and cache the labels too)
+        if z is not None:
             grid = Volume(np.zeros(prep.grid_shape, np.float32), tuple(z["spacing"]), tuple(z["origin"]),
                           z["direction"], name)
             labels = z["labels"] if "labels" in z.files and with_labels else None
