@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""RegStation `iterative` against ANTsPy SyN on the same IXI test pairs, in one run.
+"""RegStation's paradigms (iterative, learned) against ANTsPy SyN on the same IXI test pairs, in one run.
 
 ANTsPy pins numpy<2.4, so it lives in its own venv, never in the app's requirements:
 
     python3 -m venv .venv-bench
-    .venv-bench/bin/pip install antspyx SimpleITK scipy nibabel tqdm
-    .venv-bench/bin/python bench/bench_vs_ants.py --pairs 10 [--out bench/results/vs_ants.json]
+    .venv-bench/bin/pip install antspyx SimpleITK scipy nibabel tqdm torch==2.13.0
+    .venv-bench/bin/python bench/bench_vs_ants.py --pairs 10 [--learned] [--threads 1]
+        [--out bench/results/vs_ants.json]
+
+``--learned`` adds the bundled learned models (``unsupervised``, its diffeomorphic variant,
+``weakly``) and ``instance`` to the same run. ``--threads N`` caps ITK and torch threads for every
+method alike (use it when another job shares the CPU).
 
 Both methods are measured with the same engine code (`evaluation.transform_metrics`): Dice mean
 over labels present in the fixed map, fold fraction of the full transform's Jacobian, seconds for
@@ -25,6 +30,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if "--threads" in sys.argv:
+    _n = sys.argv[sys.argv.index("--threads") + 1]
+    for _v in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_v] = _n
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(os.cpu_count() or 2))
 
 import numpy as np  # noqa: E402
@@ -36,6 +45,13 @@ from app.engine.spatial import compose, field_to_transform, resample  # noqa: E4
 from app.engine.types import Transform, Volume  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ixi"
+# name -> (paradigm key, parameters); the learned ones use their bundled checkpoints
+LEARNED = {
+    "unsupervised": ("unsupervised", {}),
+    "unsupervised_diffeo": ("unsupervised", {"diffeomorphic": "true"}),
+    "weakly": ("weakly", {}),
+    "instance": ("instance", {}),
+}
 
 
 def test_pairs(n: int) -> list[tuple[str, str]]:
@@ -73,8 +89,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--param", action="append", default=[], help="iterative parameter NAME=VALUE")
+    ap.add_argument("--learned", action="store_true", help="also the bundled learned models and instance")
+    ap.add_argument("--threads", type=int, default=0, help="ITK and torch threads for every method (0: default)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "vs_ants.json"))
     a = ap.parse_args()
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    learned = LEARNED if a.learned else {}
     from app.engine.paradigms import parse_param_args
     params = parse_param_args(a.param)
     rows = []
@@ -90,6 +112,10 @@ def main() -> int:
                                        with_hd95=False)
         row.update(before_dice=m_it["before"]["dice_mean"], affine_dice=m_aff["dice_mean"], affine_s=m_aff["runtime_s"],
                    iterative_dice=m_it["dice_mean"], iterative_fold=m_it["fold_fraction"], iterative_s=m_it["runtime_s"])
+        for name, (key, lp) in learned.items():
+            _, m_l = register_and_measure(key, fixed, moving, lp, fixed_labels=fl, moving_labels=ml, with_hd95=False)
+            row.update({f"{name}_dice": m_l["dice_mean"], f"{name}_fold": m_l["fold_fraction"],
+                        f"{name}_s": m_l["runtime_s"]})
         try:
             tx, secs, agree = run_ants(fp, mp, fixed, ml)
             m_a = transform_metrics(fixed, moving, tx, fixed_labels=fl, moving_labels=ml, with_hd95=False)
@@ -112,8 +138,16 @@ def main() -> int:
     print(f"{'iterative affine':<22}{summary['affine_dice']:>8.4f}{0.0:>9.3f}{summary['affine_s']:>9.1f}")
     print(f"{'iterative (default)':<22}{summary['iterative_dice']:>8.4f}{100 * summary['iterative_fold']:>9.3f}{summary['iterative_s']:>9.1f}")
     print(f"{'ANTsPy SyN':<22}{summary['ants_dice']:>8.4f}{100 * summary['ants_fold']:>9.3f}{summary['ants_s']:>9.1f}")
+    for name in learned:
+        summary[f"dice_ratio_{name}_over_ants"] = summary[f"{name}_dice"] / summary["ants_dice"]
+        summary[f"time_ratio_{name}_over_ants"] = summary[f"{name}_s"] / summary["ants_s"]
+        print(f"{name:<22}{summary[name + '_dice']:>8.4f}{100 * summary[name + '_fold']:>9.3f}{summary[name + '_s']:>9.1f}")
     print(f"ratios iterative/ANTs: Dice {summary['dice_ratio_iterative_over_ants']:.3f}, "
           f"time {summary['time_ratio_iterative_over_ants']:.2f}")
+    for name in learned:
+        print(f"ratios {name}/ANTs: Dice {summary[f'dice_ratio_{name}_over_ants']:.3f}, "
+              f"time {summary[f'time_ratio_{name}_over_ants']:.3f}")
+    summary["threads"] = a.threads or "default"
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     return 0

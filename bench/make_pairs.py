@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write PAIRS.csv files of the IXI test split for `main.py evaluate`.
 
-    .venv/bin/python bench/make_pairs.py   -> resources/splits/ixi_test10.csv, ixi_test30.csv
+    .venv/bin/python bench/make_pairs.py   -> resources/splits/ixi_test10.csv, ixi_test20.csv, ixi_test30.csv
 
 Paths are relative to the CSV (resources/splits/ -> ../../../shared/data/ixi), so the files work
 from any checkout with ../shared beside it.
@@ -28,5 +28,5 @@ def write(n: int) -> Path:
 
 
 if __name__ == "__main__":
-    for n in (10, 30):
+    for n in (10, 20, 30):
         print(write(n))

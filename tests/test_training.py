@@ -191,3 +191,26 @@ def test_cache_without_labels_is_refreshed_when_labels_are_needed(tmp_path):
     again = D.load_subjects(name, prep, with_labels=True, cache_dir=tmp_path)[0]
     assert again.labels is not None and again.labels.max() > 0
     assert D.load_subjects(name, prep, with_labels=True, cache_dir=tmp_path)[0].labels is not None
+
+
+def test_smooth_random_fields_match_the_rms_and_are_smooth():
+    like = torch.randn(2, 3, 12, 16, 16) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1, 1)
+    f = training.smooth_random_fields(like, torch.Generator().manual_seed(0))
+    assert f.shape == like.shape
+    rms = lambda t: t.pow(2).mean(dim=(1, 2, 3, 4)).sqrt()
+    torch.testing.assert_close(rms(f), rms(like), rtol=1e-4, atol=0)
+    # neighbouring voxels differ far less than in white noise of the same size
+    step = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean()
+    assert step(f) < 0.5 * step(like)
+
+
+@needs_ixi
+def test_adversarial_regulariser_trains_both_players(tmp_path):
+    cfg = tiny_config(tmp_path, paradigm="weakly", stage="deformable", steps=3, dice_labels=8, w_adv=0.1)
+    out = training.run_training(cfg)
+    last = out["history"][-1]
+    assert {"adv", "discriminator", "dice", "smooth"} <= set(last)
+    assert all(np.isfinite(h["discriminator"]) for h in out["history"])
+    assert C.load_checkpoint(out["path"], "weakly")["training"]["losses"]["w_adv"] == 0.1
+    with pytest.raises(ValueError, match="deformable stage"):
+        training.run_training(tiny_config(tmp_path, stage="affine", w_adv=0.1))

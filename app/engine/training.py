@@ -90,6 +90,10 @@ class TrainConfig:
     w_smooth: float = param(1.0, "weight of the gradient-L2 regulariser (voxels^2)", range=(0.0, 1e4))
     w_dice: float = param(1.0, "weakly: weight of the Dice loss on warped labels", range=(0.0, 1e4))
     dice_labels: int = param(32, "weakly: labels drawn at random per step for the Dice loss", range=(1, 256))
+    w_adv: float = param(0.0, "deformable stage: weight of the adversarial deformation regulariser (a discriminator "
+                              "trained to tell the predicted fields from smooth random ones, Hu et al. 2018); 0: off",
+                         range=(0.0, 1e4))
+    adv_lr: float = param(1e-4, "Adam learning rate of the discriminator (w_adv > 0)", range=(1e-7, 1.0))
     aug_rot_deg: float = param(10.0, "augmentation: max rotation per axis (degrees)", range=(0.0, 180.0))
     aug_scale: float = param(0.1, "augmentation: max relative scaling", range=(0.0, 0.5))
     aug_trans_mm: float = param(10.0, "augmentation: max translation per axis (mm)", range=(0.0, 100.0))
@@ -169,6 +173,22 @@ def fold_fraction_vox(disp_vox: np.ndarray) -> float:
     return float(np.mean(np.linalg.det(j) <= 0))
 
 
+def smooth_random_fields(like: torch.Tensor, generator: torch.Generator, coarse: int = 4) -> torch.Tensor:
+    """The deformation prior of the adversarial regulariser: smooth random fields shaped like ``like``.
+
+    Gaussian noise on a lattice ``coarse`` times coarser than the field, trilinearly upsampled (a
+    piecewise-smooth field), each sample scaled to the RMS magnitude of the matching sample of
+    ``like``: the discriminator then judges the *shape* (smoothness, spatial structure) of a field,
+    not its size.
+    """
+    b, c = like.shape[:2]
+    small = [max(2, s // coarse + 1) for s in like.shape[2:]]
+    noise = torch.randn((b, c, *small), generator=generator, device="cpu").to(like.device, like.dtype)
+    field = torch.nn.functional.interpolate(noise, size=like.shape[2:], mode="trilinear", align_corners=True)
+    rms = lambda t: t.pow(2).mean(dim=(1, 2, 3, 4), keepdim=True).sqrt()
+    return field * (rms(like) / rms(field).clamp_min(1e-8))
+
+
 def pair_tensors(fixed: D.Subject, moving: D.Subject, init: np.ndarray | None = None,
                  fixed_image: np.ndarray | None = None, moving_image: np.ndarray | None = None) -> dict:
     """Per-pair numpy pieces for :meth:`PairTensors.from_numpy` (init defaults to the prealignment)."""
@@ -194,6 +214,8 @@ class TwoStageLoss(nn.Module):
         self.cfg = cfg
         self.sim = similarity_loss(cfg.similarity, cfg.lncc_window)
         self.autocast = None
+        self.discriminator: Optional[nn.Module] = None    # set when cfg.w_adv > 0
+        self.last_field: Optional[torch.Tensor] = None
 
     def forward(self, pair: PairTensors, fixed_onehot: Optional[torch.Tensor] = None,
                 moving_labels: Optional[torch.Tensor] = None, label_ids: Optional[torch.Tensor] = None,
@@ -232,6 +254,12 @@ class TwoStageLoss(nn.Module):
             if cfg.paradigm != "weakly" or cfg.dual or not weakly:
                 parts["sim"] = cfg.w_sim * self.sim(pair.fixed, out.moving_warped)
             parts["smooth"] = cfg.w_smooth * L.gradient_l2(out.field.raw_vox)
+            self.last_field = out.field.raw_vox
+            if self.discriminator is not None:
+                # generator side: make the field look like a draw from the prior ("real")
+                logit = self.discriminator(out.field.raw_vox.float())
+                parts["adv"] = cfg.w_adv * nn.functional.binary_cross_entropy_with_logits(
+                    logit, torch.ones_like(logit))
             if weakly:
                 warped = warp_labels_onehot(moving_labels, label_ids, out.index_affine, shape,
                                             disp_vox=out.field.disp_vox)
@@ -285,6 +313,15 @@ def _build_model(cfg: TrainConfig) -> tuple[TwoStageNet, dict | None, int, dict]
     if ck is not None and same_shapes(ck["model"].deformable.config, model.deformable.config):
         model.deformable.load_state_dict(ck["model"].deformable.state_dict(), strict=True)
         loaded["deformable"] = str(cfg.init)
+    elif ck is not None:
+        # another decoder depth or field level: warm-start every tensor of the same name and shape
+        # (encoder, bottom, the shared decoder levels, head), the rest starts from its initialisation
+        own = model.deformable.state_dict()
+        src = {k: v for k, v in ck["model"].deformable.state_dict().items()
+               if k in own and own[k].shape == v.shape}
+        if src:
+            model.deformable.load_state_dict(src, strict=False)
+            loaded["deformable_partial"] = {"path": str(cfg.init), "tensors": len(src), "of": len(own)}
     inherited = {"init": {"stages_loaded": loaded,
                           "training": {k: (ck or ck_aff)["training"].get(k) for k in ("steps", "stage", "losses", "init")}}}
     return model, None, 0, inherited
@@ -386,6 +423,17 @@ def run_training(cfg: TrainConfig, progress: Optional[ProgressFn] = None,
             wrapped = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=cfg.lr)
+        disc = d_opt = None
+        if cfg.w_adv > 0:
+            if stage == "affine":
+                raise ValueError("w_adv (adversarial deformation regulariser) needs the deformable stage")
+            if world > 1:
+                raise ValueError("w_adv (adversarial deformation regulariser) runs in a single process only")
+            from .nn.networks import FieldDiscriminator
+            disc = FieldDiscriminator().to(device)
+            d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.adv_lr)
+            objective.discriminator = disc
+            d_gen = torch.Generator().manual_seed(cfg.seed)
         if opt_state is not None:
             opt.load_state_dict(opt_state)
 
@@ -405,6 +453,7 @@ def run_training(cfg: TrainConfig, progress: Optional[ProgressFn] = None,
                 "losses": {"similarity": cfg.similarity, "lncc_window": cfg.lncc_window, "w_sim": cfg.w_sim,
                            "w_affine_sim": cfg.w_affine_sim, "w_smooth": cfg.w_smooth,
                            "w_dice": cfg.w_dice if weakly else 0.0, "dual": cfg.dual if weakly else None,
+                           "w_adv": cfg.w_adv,
                            "dice_labels": cfg.dice_labels if weakly else None,
                            "self_pairs": cfg.self_pairs, "w_selfsup": cfg.w_selfsup,
                            "w_affine_dense": cfg.w_affine_dense},
@@ -467,6 +516,16 @@ def run_training(cfg: TrainConfig, progress: Optional[ProgressFn] = None,
             scaler.step(opt)
             scaler.update()
             rec = {"step": step, **{k: float(v.detach()) for k, v in parts.items()}}
+            if disc is not None:    # discriminator side: prior fields "real", predicted fields "fake"
+                fake = objective.last_field.detach().float()
+                real = smooth_random_fields(fake, d_gen)
+                lr_, lf_ = disc(real), disc(fake)
+                bce = nn.functional.binary_cross_entropy_with_logits
+                d_loss = bce(lr_, torch.ones_like(lr_)) + bce(lf_, torch.zeros_like(lf_))
+                d_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                d_opt.step()
+                rec["discriminator"] = float(d_loss.detach())
             if not math.isfinite(rec["total"]):
                 raise RuntimeError(f"training diverged at step {step} (loss {rec['total']}); lower the lr")
             history.append(rec)

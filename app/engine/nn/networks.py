@@ -109,6 +109,27 @@ class DeformableNet(nn.Module):
         return FieldPrediction(disp, raw_in)
 
 
+class FieldDiscriminator(nn.Module):
+    """Adversarial deformation regulariser (Hu et al. 2018): a strided CNN judging a field.
+
+    Input: a displacement (or velocity) field (B, 3, D, H, W) in voxels; output: one logit per
+    field, "real" meaning drawn from the deformation prior the training loop samples
+    (:func:`app.engine.training.smooth_random_fields`). Used in training only, never shipped.
+    """
+
+    def __init__(self, channels=(8, 16, 32, 32)):
+        super().__init__()
+        layers, cin = [], 3
+        for c in channels:
+            layers.append(_conv(cin, int(c), stride=2))
+            cin = int(c)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(cin, 1))
+
+    def forward(self, field: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(field))[:, 0]
+
+
 class AffineNet(nn.Module):
     """Strided CNN (fixed, moving) -> affine ``theta`` (B, 3, 4), the identity at initialisation.
 
