@@ -214,3 +214,21 @@ def test_adversarial_regulariser_trains_both_players(tmp_path):
     assert C.load_checkpoint(out["path"], "weakly")["training"]["losses"]["w_adv"] == 0.1
     with pytest.raises(ValueError, match="deformable stage"):
         training.run_training(tiny_config(tmp_path, stage="affine", w_adv=0.1))
+
+
+@needs_ixi
+def test_weakly_needs_labels_in_training_only(tmp_path):
+    # run time: a pair without any label map registers
+    fixed, moving = _blob_pair()
+    res = WeaklyRegistrar().register(fixed, moving, None, checkpoint=_tiny_checkpoint(tmp_path / "w.pt", "weakly"),
+                                     device="cpu")
+    assert res.warped.array.shape == fixed.array.shape and res.warped_labels is None
+    # training: subjects without label maps are refused with a clear message
+    root = tmp_path / "ixi"
+    (root / "t1").mkdir(parents=True)
+    (root / "seg").mkdir()
+    for name in D.load_split()["train"][:2]:
+        (root / "t1" / D.ixi_paths(name)[0].name).symlink_to(D.ixi_paths(name)[0])
+    with pytest.raises(ValueError, match="label map"):
+        training.run_training(tiny_config(tmp_path, paradigm="weakly", stage="deformable", data_root=str(root),
+                                          max_train_subjects=2, cache_dir=""))
