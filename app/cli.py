@@ -67,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
 
     t = sub.add_parser("train", help="train a learned paradigm")
-    t.add_argument("--paradigm", required=True)
-    t.add_argument("--out", required=True, help="checkpoint file to write")
+    t.add_argument("--paradigm", help="learned paradigm to train (unsupervised, weakly)")
+    t.add_argument("--out", help="checkpoint file to write")
     t.add_argument("--steps", type=int)
     t.add_argument("--resume", help="checkpoint to resume from")
     t.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="training option (see --list-options)")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--list-options", action="store_true", help="list the training options (--param NAME=VALUE) and exit")
 
     i = sub.add_parser("info", help="describe an image, label map, transform or landmark file; or list paradigms")
     i.add_argument("file", nargs="?")
@@ -153,6 +154,16 @@ def _cmd_evaluate(a) -> int:
 def _cmd_train(a) -> int:
     from .engine import training
     from .engine.paradigms import make_params, parse_param_args
+    if a.list_options:
+        import dataclasses
+        for f in dataclasses.fields(training.TrainConfig):
+            md = f.metadata
+            extra = f" range {md['range']}" if "range" in md else ""
+            extra += f" choices {'/'.join(map(str, md['choices']))}" if "choices" in md else ""
+            print(f"{f.name} = {f.default!r}{extra}  {md.get('help', '')}")
+        return 0
+    if not a.paradigm or not a.out:
+        raise ValueError("train needs --paradigm and --out (or --list-options)")
     over = parse_param_args(a.param)
     over.update(paradigm=a.paradigm, out=a.out, device=a.device)
     if a.steps is not None:

@@ -139,3 +139,35 @@ def test_info_describes_geometry(pair):
 def test_info_lists_paradigms():
     r = run("info", "--paradigms")
     assert r.returncode == 0 and "iterative" in r.stdout
+
+
+IXI = ROOT.parent / "shared" / "data" / "ixi"
+
+
+@pytest.mark.skipif(not (IXI / "t1").is_dir(), reason="IXI data not available")
+def test_train_then_register_with_the_new_checkpoint(tmp_path):
+    ck = tmp_path / "tiny.pt"
+    tiny = ["grid=18x24x24", "spacing_mm=10", "enc=4,8,8", "dec=8,8", "max_train_subjects=2", "max_val_pairs=1",
+            "val_every=0", "lncc_window=3", "dice_labels=8", "stage=joint", "threads=2"]
+    r = run("train", "--paradigm", "weakly", "--out", ck, "--steps", "6", "--no-progress",
+            *[x for p in tiny for x in ("--param", p)])
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint written" in r.stdout and ck.is_file()
+    demo = ROOT / "resources" / "demo"
+    files = {"fixed": demo / "fixed_IXI174_T1.nii.gz", "moving": demo / "moving_IXI136_T1.nii.gz"}
+    r = run("register", files["fixed"], files["moving"], "--paradigm", "weakly", "--checkpoint", ck,
+            "--out", tmp_path / "reg", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "reg" / "warped.nii.gz").is_file()
+    # the checkpoint is a weakly model: the unsupervised paradigm refuses it with one clear line
+    r = run("register", files["fixed"], files["moving"], "--paradigm", "unsupervised", "--checkpoint", ck,
+            "--out", tmp_path / "reg2", "--no-progress")
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "weakly" in r.stderr
+    assert not (tmp_path / "reg2").exists()
+    r = run("train", "--paradigm", "weakly", "--out", tmp_path / "x.pt", "--param", "grid=4x4")
+    assert r.returncode == 1 and "grid" in r.stderr
+
+
+def test_train_lists_its_options():
+    r = run("train", "--list-options")
+    assert r.returncode == 0 and "w_adv" in r.stdout and "dice_labels" in r.stdout
