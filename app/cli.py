@@ -155,12 +155,7 @@ def _cmd_train(a) -> int:
     from .engine import training
     from .engine.paradigms import make_params, parse_param_args
     if a.list_options:
-        import dataclasses
-        for f in dataclasses.fields(training.TrainConfig):
-            md = f.metadata
-            extra = f" range {md['range']}" if "range" in md else ""
-            extra += f" choices {'/'.join(map(str, md['choices']))}" if "choices" in md else ""
-            print(f"{f.name} = {f.default!r}{extra}  {md.get('help', '')}")
+        _print_options(training.TrainConfig)
         return 0
     if not a.paradigm or not a.out:
         raise ValueError("train needs --paradigm and --out (or --list-options)")
@@ -188,18 +183,22 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _print_options(cls, indent: str = "") -> None:
+    """One line per option of a parameter dataclass: name = default, range / choices, help."""
+    import dataclasses
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        extra = f" range {md['range']}" if "range" in md else ""
+        extra += f" choices {'/'.join(map(str, md['choices']))}" if "choices" in md else ""
+        print(f"{indent}{f.name} = {f.default!r}{extra}  {md.get('help', '')}")
+
+
 def _cmd_info(a) -> int:
     if a.paradigms or not a.file:
-        import dataclasses
         from .engine import paradigms
         for key in paradigms.available():
             print(f"{key}: {paradigms.DESCRIPTIONS.get(key, '')}")
-            reg = paradigms.get(key)
-            for f in dataclasses.fields(reg.Params):
-                md = f.metadata
-                extra = f" range {md['range']}" if "range" in md else ""
-                extra += f" choices {'/'.join(map(str, md['choices']))}" if "choices" in md else ""
-                print(f"    {f.name} = {f.default!r}{extra}  {md.get('help', '')}")
+            _print_options(paradigms.get(key).Params, indent="    ")
         return 0
     from .engine import io
     print(json.dumps(io.describe_file(a.file), indent=1, default=str))
