@@ -1,6 +1,7 @@
 """Open the demo pair, run a registration and save PNG screenshots of the main viewer states.
 
     xvfb-run -a -s "-screen 0 1400x1000x24" .venv/bin/python bench/screenshots.py [--out DIR] [--quick]
+        [--paradigm KEY [--param NAME=VALUE ...]]
 
 Writes DIR/NN_<state>.png (whole window, grabbed from the X screen so the VTK areas are real
 pixels) and DIR/overlays_axial.png (the axial view in every overlay mode, side by side).
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/screenshots", help="output folder")
     ap.add_argument("--quick", action="store_true", help="affine only (faster, no deformation to show)")
     ap.add_argument("--size", default="1400x1000", help="window size WxH")
+    ap.add_argument("--paradigm", default="iterative", help="paradigm to run (learned ones: bundled checkpoint)")
+    ap.add_argument("--param", action="append", default=[], help="NAME=VALUE (replaces the iterative presets)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,9 +78,13 @@ def main(argv=None) -> int:
     st.set_overlay(mode="blend", source="moving", opacity=0.5, contours_fixed=True, contours_warped=True)
     shot("before_blend_contours")
 
-    params = QUICK if a.quick else FULL
+    from app.engine.paradigms import parse_param_args
+    if a.paradigm == "iterative" and not a.param:
+        params = QUICK if a.quick else FULL
+    else:
+        params = parse_param_args(a.param)
     t0 = time.perf_counter()
-    _register(w, app, params)
+    _register(w, app, params, a.paradigm)
     print(f"registration done in {time.perf_counter() - t0:.1f} s")
     if st.result is None:
         print("no result: registration failed (see the dialog text above)")
@@ -127,16 +134,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def _register(w, app, params: dict) -> None:
-    """Run the iterative paradigm on the loaded pair: through the registration panel (its worker
+def _register(w, app, params: dict, key: str = "iterative") -> None:
+    """Run paradigm ``key`` on the loaded pair: through the registration panel (its worker
     thread) when the window has one, else by calling the engine and handing the result to the
     window's run-finished slot."""
     from app.engine import paradigms
     panel = w.registration_panel
     if panel is not None:
         from PySide6.QtCore import QEventLoop, QTimer
-        panel.set_paradigm("iterative")
-        panel.set_params(paradigms.make_params(paradigms.get("iterative").Params, params))
+        panel.set_paradigm(key)
+        panel.set_params(paradigms.make_params(paradigms.get(key).Params, params))
+        t_end = time.perf_counter() + 60          # learned: wait for the checkpoint check
+        while getattr(panel, "_probing", False) and time.perf_counter() < t_end:
+            app.processEvents()
+            time.sleep(0.02)
         loop = QEventLoop()
         for sig in (panel.run_finished, panel.run_failed, panel.run_cancelled):
             sig.connect(lambda *args: loop.quit())
@@ -147,7 +158,7 @@ def _register(w, app, params: dict) -> None:
     from app.engine.evaluation import register_and_measure
     st = w.state
     try:
-        result, metrics = register_and_measure("iterative", st.fixed, st.moving, params,
+        result, metrics = register_and_measure(key, st.fixed, st.moving, params,
                                                fixed_labels=st.fixed_labels, moving_labels=st.moving_labels)
     except Exception as e:  # noqa: BLE001
         w._on_run_failed(f"{type(e).__name__}: {e}")

@@ -473,3 +473,27 @@ def test_landmark_autosave(qtbot, tmp_path):
     lp.delete_rows([0])
     assert json.loads(path.read_text())["pairs"] == []
     assert not [p for p in path.parent.iterdir() if p.name != "landmarks.json"]   # no temp files left
+
+
+def test_diffeomorphic_option_follows_the_bundled_variant(qtbot, monkeypatch, tmp_path):
+    from app.widgets import registration_panel as rp
+    monkeypatch.setattr(rp, "_probe_cuda", lambda: False)
+    bundled = Path(rp._BUNDLED_DIR)
+    if not (bundled / "unsupervised_diffeomorphic.pt").is_file():
+        pytest.skip("bundled diffeomorphic checkpoint missing")
+    panel, _ = _panel(qtbot, key="unsupervised")
+    qtbot.waitUntil(lambda: not panel._probing, timeout=20000)
+    assert panel.checkpoint == str(bundled / "unsupervised.pt") and panel.checkpoint_error is None
+    from app.engine.paradigms.unsupervised import UnsupervisedParams
+    panel.form.editors["diffeomorphic"].setChecked(True)        # as a click does
+    qtbot.waitUntil(lambda: not panel._probing and panel.checkpoint.endswith("_diffeomorphic.pt"), timeout=20000)
+    assert panel.checkpoint_error is None
+    # a checkpoint of the user's own is left alone
+    import shutil
+    own = str(tmp_path / "mine.pt")
+    shutil.copy(bundled / "unsupervised.pt", own)
+    panel.set_checkpoint(own)
+    qtbot.waitUntil(lambda: not panel._probing, timeout=20000)
+    panel.set_params(UnsupervisedParams(diffeomorphic=False))
+    assert panel.checkpoint == own
+    _wait_idle(qtbot)

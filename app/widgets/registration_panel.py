@@ -38,6 +38,11 @@ _NO_LOSS_STAGES = ("done", "evaluate", "load", "resample")
 _ERROR_STYLE = "color: #b00020;"
 
 
+# resources/checkpoints/ (as app.engine.checkpoints.CHECKPOINT_DIR, which imports torch: the panel
+# must not, so that it opens fast)
+_BUNDLED_DIR = Path(__file__).resolve().parents[2] / "resources" / "checkpoints"
+
+
 def _probe_checkpoints(key: str, chosen: Optional[str]) -> dict:
     """Worker thread: list the checkpoints of ``key`` and validate ``chosen`` (or the first).
 
@@ -316,6 +321,7 @@ class RegistrationPanel(QWidget):
     def set_params(self, params) -> None:
         if self.form is not None:
             self.form.set_values(params)
+            self._on_form_changed()
 
     def loss_curve_data(self) -> tuple[list[float], list[float]]:
         """All plotted loss points (x = running iteration over stages, y = loss)."""
@@ -418,6 +424,7 @@ class RegistrationPanel(QWidget):
             self.form = ParamsForm(reg.Params)
             if key in self._saved_params:
                 self.form.set_values(self._saved_params[key])
+            self.form.changed.connect(self._on_form_changed)
             self.params_scroll.setWidget(self.form)
             self._current_form_key = key
             desc = getattr(reg, "description", "") or paradigms.DESCRIPTIONS.get(key, "")
@@ -451,10 +458,35 @@ class RegistrationPanel(QWidget):
         self.checkpoint_status.setStyleSheet("")
         self.checkpoint_status.setText("Checking checkpoints…")
         self._update_enabled()
-        workers.run_in_thread(_probe_checkpoints, key, self._checkpoint, context=self,
+        workers.run_in_thread(_probe_checkpoints, key, self._checkpoint or self._bundled_default(), context=self,
                               on_done=lambda out: self._on_probe_done(gen, out),
                               on_error=lambda msg: self._on_probe_done(gen, {"error": msg, "paths": [],
                                                                             "chosen": None, "card": ""}))
+
+    def _bundled_default(self) -> Optional[str]:
+        """The bundled checkpoint matching the form: ``<key>.pt``, or ``<key>_diffeomorphic.pt`` when
+        the paradigm has a ``diffeomorphic`` option and it is on (None when there is none)."""
+        key = self.paradigm_key
+        if key is None:
+            return None
+        variant = ""
+        if self.form is not None:
+            try:
+                variant = "diffeomorphic" if getattr(self.form.values(), "diffeomorphic", False) else ""
+            except Exception:  # noqa: BLE001 - a half-typed value: keep the plain default
+                variant = ""
+        path = _BUNDLED_DIR / (f"{key}_{variant}.pt" if variant else f"{key}.pt")
+        return str(path) if path.is_file() else None
+
+    @Slot()
+    def _on_form_changed(self) -> None:
+        """Follow the form's ``diffeomorphic`` option with the bundled checkpoint of that variant,
+        unless the user picked a checkpoint of their own."""
+        if not self.is_learned or self.is_running:
+            return
+        want, cur = self._bundled_default(), self._checkpoint
+        if want and cur != want and (cur is None or Path(cur).parent == _BUNDLED_DIR):
+            self.set_checkpoint(want)
 
     def _on_probe_done(self, gen: int, out: dict) -> None:
         if gen != self._probe_gen:
