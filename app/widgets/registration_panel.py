@@ -569,6 +569,8 @@ class RegistrationPanel(QWidget):
     @Slot(object, object)
     def _on_worker_finished(self, result, metrics) -> None:
         self._update_loss_plot()
+        if not self._curves:     # a learned model: one network pass, no optimisation to plot
+            self.loss_plot.setTitle('<span style="color:#666">one network pass: no loss curve</span>', size="9pt")
         secs = self._run_ended()
         self.progress_bar.setValue(1000)
         dev = (metrics or {}).get("device") or getattr(result, "device", "?")
