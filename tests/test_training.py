@@ -232,3 +232,16 @@ def test_weakly_needs_labels_in_training_only(tmp_path):
     with pytest.raises(ValueError, match="label map"):
         training.run_training(tiny_config(tmp_path, paradigm="weakly", stage="deformable", data_root=str(root),
                                           max_train_subjects=2, cache_dir=""))
+
+
+@needs_ixi
+def test_init_keeps_the_affine_iterations_of_the_checkpoint(tmp_path):
+    first = training.run_training(tiny_config(tmp_path, stage="affine", steps=1, affine_iterations=2,
+                                              out=str(tmp_path / "a.pt")))
+    assert first["model"].affine_iterations == 2
+    kept = training.run_training(tiny_config(tmp_path, stage="deformable", steps=1, init=str(first["path"]),
+                                             out=str(tmp_path / "b.pt")))
+    assert kept["model"].affine_iterations == 2
+    changed = training.run_training(tiny_config(tmp_path, stage="deformable", steps=1, init=str(first["path"]),
+                                                affine_iterations=1, out=str(tmp_path / "c.pt")))
+    assert changed["model"].affine_iterations == 1

@@ -72,8 +72,9 @@ class TrainConfig:
     spacing_mm: float = param(4.0, "working grid spacing (isotropic, mm)", range=(0.25, 32.0))
     affine_kind: str = param("flow", "affine stage: 'flow' (coarse U-Net flow + least-squares affine fit) or "
                                      "'regression' (CNN regressing the 12 parameters)", choices=("flow", "regression"))
-    affine_iterations: int = param(1, "recursive applications of the affine net (training draws 1..N at random)",
-                                   range=(1, 8))
+    affine_iterations: int = param(0, "recursive applications of the affine net (training draws 1..N at random); "
+                                      "0: the affine checkpoint's own number (init / init_affine), else 1",
+                                   range=(0, 8))
     init_affine: str = param("", "checkpoint whose affine stage replaces the one from init")
     affine_channels: str = param("8,16,32,32,32", "regression affine net: channels per stride-2 level")
     affine_pool: int = param(2, "affine net: average-pool its inputs by this factor first", range=(1, 4))
@@ -131,7 +132,7 @@ class TrainConfig:
             affine = {"kind": "affine_flow", "input_pool": self.affine_pool, "spacing_mm": self.spacing_mm}
         else:
             affine = {"kind": "affine", "channels": ints(self.affine_channels), "input_pool": self.affine_pool}
-        return {"kind": "two_stage", "affine": affine, "affine_iterations": self.affine_iterations,
+        return {"kind": "two_stage", "affine": affine, "affine_iterations": max(1, self.affine_iterations),
                 "deformable": {"kind": "deformable", "enc": ints(self.enc), "dec": ints(self.dec),
                                "out_level": self.out_level, "diffeomorphic": self.diffeomorphic,
                                "int_steps": self.int_steps}}
@@ -301,6 +302,8 @@ def _build_model(cfg: TrainConfig) -> tuple[TwoStageNet, dict | None, int, dict]
     ck = two_stage(cfg.init) if cfg.init else None
     ck_aff = two_stage(cfg.init_affine) if cfg.init_affine else ck
     net_cfg["affine"] = dict(ck_aff["model"].affine.config)      # the affine stage comes from a checkpoint
+    if cfg.affine_iterations == 0:                               # ... and, unless set, how often it is applied
+        net_cfg["affine_iterations"] = ck_aff["model"].affine_iterations
     model = build_model(net_cfg)
     model.affine.load_state_dict(ck_aff["model"].affine.state_dict(), strict=True)
     loaded = {"affine": str(cfg.init_affine or cfg.init)}
