@@ -9,8 +9,15 @@ changes), runs :func:`app.engine.nn.twostage.run_two_stage` and minimises
                         *self pairs* (a subject and its own randomly transformed copy, whose
                         correct transform is known: self-supervision, no labels);
 * ``deformable`` stage: ``w_sim * sim(fixed, moving o A o (id + u)) + w_smooth * |grad u|^2``
-                        ``[+ w_dice * Dice loss of warped labels (weakly)]``; affine frozen;
+                        ``[+ w_dice * Dice loss of warped labels (weakly)]``
+                        ``[+ w_adv * adversarial term]``; affine frozen;
 * ``joint``:            both, all weights trained.
+
+The adversarial deformation regulariser (``w_adv`` > 0, Hu et al. 2018) trains a small
+discriminator, one Adam step per training step, to tell the predicted fields from smooth random
+fields of the same RMS size (:func:`smooth_random_fields`); the registration net is penalised when
+the discriminator spots its field. The discriminator is a training aid: it is neither saved nor
+resumed.
 
 Stages are trained one after the other (DLIR): ``init`` / ``init_affine`` carry the weights of
 earlier stages over. Validation Dice (working resolution, nearest-neighbour labels) on the split's
