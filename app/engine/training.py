@@ -332,6 +332,9 @@ def _build_model(cfg: TrainConfig) -> tuple[TwoStageNet, dict | None, int, dict]
         if src:
             model.deformable.load_state_dict(src, strict=False)
             loaded["deformable_partial"] = {"path": str(cfg.init), "tensors": len(src), "of": len(own)}
+            log.warning("init %s: its deformable net %s differs from the configured %s; %d of %d tensors "
+                        "warm-started (pass its enc/dec/out_level to continue it as it is)", cfg.init,
+                        ck["model"].deformable.config, model.deformable.config, len(src), len(own))
     inherited = {"init": {"stages_loaded": loaded,
                           "training": {k: (ck or ck_aff)["training"].get(k) for k in ("steps", "stage", "losses", "init")}}}
     return model, None, 0, inherited
