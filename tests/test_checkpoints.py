@@ -150,3 +150,16 @@ def test_bundled_checkpoints_load_and_have_cards(path):
     card = json.loads(C.card_paths(path)[0].read_text())
     assert card["paradigm"] == ck["paradigm"]
     assert path.stat().st_size < 8 * 2**20
+
+
+def test_lineage_lists_the_runs_first_to_last(tmp_path):
+    first = {"stage": "affine", "steps": 10, "losses": {"similarity": "lncc", "lncc_window": 9}}
+    second = {"stage": "deformable", "steps": 20, "losses": {"similarity": "lncc", "lncc_window": 5, "w_dice": 1.0},
+              "init": {"stages_loaded": {"affine": "/x/a.pt"}, "training": first}}
+    lines = C.lineage(second)
+    assert lines == ["affine stage, 10 steps; lncc window 9",
+                     "deformable stage, 20 steps; lncc window 5; w_dice 1.0; started from affine of a.pt"]
+    pt = tmp_path / "m.pt"
+    C.write_card(pt, {"title": "m", "training": second})
+    md = C.card_paths(pt)[1].read_text()
+    assert "## lineage" in md and "started from affine of a.pt" in md and "stages_loaded" not in md

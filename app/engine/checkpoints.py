@@ -140,10 +140,41 @@ def card_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_suffix(".card.json"), p.with_suffix(".md")
 
 
+def lineage(training: dict) -> list[str]:
+    """One line per training run behind a checkpoint (from ``training["init"]`` chains), first run first."""
+    out, t = [], training
+    while isinstance(t, dict):
+        losses = t.get("losses") or {}
+        parts = [f"{t.get('stage', '?')} stage, {t.get('steps', '?')} steps"]
+        sim = losses.get("similarity")
+        if sim:
+            parts.append(sim + (f" window {losses['lncc_window']}" if sim == "lncc" and losses.get("lncc_window") else ""))
+        parts += [f"{k} {losses[k]}" for k in ("w_smooth", "w_dice", "dice_labels", "w_adv", "self_pairs")
+                  if losses.get(k)]
+        if t.get("lr") is not None:
+            parts.append(f"lr {t['lr']}" + (f" {t['lr_schedule']}" if t.get("lr_schedule") else ""))
+        init = t.get("init") if isinstance(t.get("init"), dict) else {}
+        loaded = init.get("stages_loaded")
+        if isinstance(loaded, dict) and loaded:
+            def name(v):
+                return Path(v["path"] if isinstance(v, dict) else str(v)).name
+            parts.append("started from " + ", ".join(f"{k} of {name(v)}" for k, v in loaded.items()))
+        elif isinstance(loaded, list) and init.get("path"):
+            parts.append(f"started from {', '.join(loaded)} of {Path(init['path']).name}")
+        out.append("; ".join(parts))
+        t = init.get("training")
+    return out[::-1]
+
+
 def write_card(path: str | os.PathLike, card: dict) -> None:
-    """Write the JSON and markdown cards beside checkpoint ``path``."""
+    """Write the JSON and markdown cards beside checkpoint ``path``.
+
+    The markdown card lists the training lineage (:func:`lineage`) instead of the nested ``init``
+    records, which the JSON card keeps whole."""
     jpath, mpath = card_paths(path)
     card = _plain(card)
+    if isinstance(card.get("training"), dict) and card["training"].get("init"):
+        card["lineage"] = lineage(card["training"])
     jpath.write_text(json.dumps(card, indent=1))
     lines = [f"# {card.get('title', Path(path).stem)}", ""]
     if card.get("summary"):
@@ -152,6 +183,8 @@ def write_card(path: str | os.PathLike, card: dict) -> None:
         if key in ("title", "summary"):
             continue
         lines.append(f"## {key}")
+        if key == "training" and isinstance(val, dict):
+            val = {k: v for k, v in val.items() if k not in ("init", "val_history")}
         if isinstance(val, dict):
             lines += [f"- **{k}**: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in val.items()]
         elif isinstance(val, list):
