@@ -168,7 +168,7 @@ def test_run_off_gui_thread_progress_loss_and_metrics(qtbot, fake_paradigms):
     timer.setInterval(20)
     timer.timeout.connect(lambda: ticks.append(panel.progress_bar.value()))
     timer.start()
-    with qtbot.waitSignal(panel.run_finished, timeout=20000) as sig:
+    with qtbot.waitSignal(panel.run_finished, timeout=60000) as sig:
         with qtbot.waitSignal(panel.run_started, timeout=1000):
             assert panel.run()
         assert panel.is_running and not panel.run_button.isEnabled() and panel.cancel_button.isEnabled()
@@ -282,7 +282,7 @@ def test_worker_throttles_progress_but_keeps_every_loss(qtbot, fake_paradigms):
     w = workers.RegistrationWorker("fake", _pair(), FakeParams(iterations=3000, delay_s=0.0), min_interval_s=0.05)
     got = []
     w.progress.connect(got.append)
-    with qtbot.waitSignal(w.finished, timeout=20000):
+    with qtbot.waitSignal(w.finished, timeout=60000):
         w.start()
     qtbot.wait(50)
     assert len(w.loss_history()) == 3000 and w.loss_history()[-1] == ("affine", 3000, pytest.approx(1 / 3000))
@@ -482,18 +482,18 @@ def test_diffeomorphic_option_follows_the_bundled_variant(qtbot, monkeypatch, tm
     if not (bundled / "unsupervised_diffeomorphic.pt").is_file():
         pytest.skip("bundled diffeomorphic checkpoint missing")
     panel, _ = _panel(qtbot, key="unsupervised")
-    qtbot.waitUntil(lambda: not panel._probing, timeout=20000)
+    qtbot.waitUntil(lambda: not panel._probing, timeout=60000)
     assert panel.checkpoint == str(bundled / "unsupervised.pt") and panel.checkpoint_error is None
     from app.engine.paradigms.unsupervised import UnsupervisedParams
     panel.form.editors["diffeomorphic"].setChecked(True)        # as a click does
-    qtbot.waitUntil(lambda: not panel._probing and panel.checkpoint.endswith("_diffeomorphic.pt"), timeout=20000)
+    qtbot.waitUntil(lambda: not panel._probing and panel.checkpoint.endswith("_diffeomorphic.pt"), timeout=60000)
     assert panel.checkpoint_error is None
     # a checkpoint of the user's own is left alone
     import shutil
     own = str(tmp_path / "mine.pt")
     shutil.copy(bundled / "unsupervised.pt", own)
     panel.set_checkpoint(own)
-    qtbot.waitUntil(lambda: not panel._probing, timeout=20000)
+    qtbot.waitUntil(lambda: not panel._probing, timeout=60000)
     panel.set_params(UnsupervisedParams(diffeomorphic=False))
     assert panel.checkpoint == own
     _wait_idle(qtbot)
