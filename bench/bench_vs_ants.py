@@ -55,12 +55,14 @@ LEARNED = {
 
 
 def test_pairs(n: int) -> list[tuple[str, str]]:
-    split = json.loads((ROOT / "resources" / "splits" / "ixi_split.json").read_text())
-    return [tuple(p) for p in split["test_pairs"][:n]]
+    """The first ``n`` test pairs of the project's split (``resources/splits/ixi_split.json``)."""
+    from app.engine.datasets import load_split
+    return [tuple(p) for p in load_split()["test_pairs"][:n]]
 
 
 def paths(subj: str) -> tuple[Path, Path]:
-    return DATA / "t1" / f"{subj}_T1.nii.gz", DATA / "seg" / f"{subj}_T1_DLMUSE.nii.gz"
+    from app.engine.datasets import ixi_paths
+    return ixi_paths(subj, DATA)
 
 
 def run_ants(fixed_path, moving_path, fixed: Volume, moving_labels, type_of_transform="SyN"):

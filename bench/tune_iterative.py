@@ -40,8 +40,9 @@ DATA = ROOT.parent / "shared" / "data" / "ixi"
 
 
 def test_pairs(n: int) -> list[tuple[str, str]]:
-    split = json.loads((ROOT / "resources" / "splits" / "ixi_split.json").read_text())
-    return [tuple(p) for p in split["test_pairs"][:n]]
+    """The first ``n`` test pairs of the project's split (``resources/splits/ixi_split.json``)."""
+    from app.engine.datasets import load_split
+    return [tuple(p) for p in load_split()["test_pairs"][:n]]
 
 
 def load(subj: str) -> tuple[Volume, LabelMap]:
