@@ -201,7 +201,8 @@ def _cmd_info(a) -> int:
             _print_options(paradigms.get(key).Params, indent="    ")
         return 0
     from .engine import io
-    print(json.dumps(io.describe_file(a.file), indent=1, default=str))
+    from .engine.jsonsafe import to_jsonable
+    print(json.dumps(to_jsonable(io.describe_file(a.file)), indent=1))
     return 0
 
 

@@ -380,7 +380,7 @@ def test_field_intent_is_fixed_when_missing_and_refused_on_read(tmp_path):
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj.get_unscaled()), None, hdr), str(tmp_path / "plain.nii"))
     with pytest.raises(ImageReadError, match=r"plain\.nii has NIfTI intent code 0"):
         io.read_field(tmp_path / "plain.nii")
-    io._ensure_vector_intent(tmp_path / "plain.nii")
+    io.images._ensure_vector_intent(tmp_path / "plain.nii")
     assert int(nib.load(str(tmp_path / "plain.nii")).header["intent_code"]) == 1007
     back = io.read_field(tmp_path / "plain.nii")
     _assert_same_geometry(f, back, tol=1e-5)
@@ -542,7 +542,7 @@ def test_failed_landmark_write_leaves_nothing(tmp_path, monkeypatch):
         Path(tmp).write_text("point\n3\n")
         raise OSError("interrupted")
 
-    monkeypatch.setattr(io, "_write_elastix", broken)
+    monkeypatch.setattr(io.landmarks, "_write_elastix", broken)
     with pytest.raises(OSError, match="interrupted"):
         io.write_landmarks(Landmarks(_AWKWARD), tmp_path / "p.txt")
     assert os.listdir(tmp_path) == []

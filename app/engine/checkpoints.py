@@ -12,12 +12,12 @@ A checkpoint is a ``torch.save``'d dict of plain values and tensors::
 
 It is loaded with ``torch.load(weights_only=True)``: a file holding any other Python object is
 refused without running its code. Bundled checkpoints live in ``resources/checkpoints/`` with a
-card beside each (``NAME.card.json`` + ``NAME.md``: data, training, measured Dice / folding / time).
+card beside each (``NAME.card.json`` + ``NAME.md``: data, training, measured Dice / folding / time);
+cards and bundled paths are in :mod:`app.engine.cards` (no torch) and re-exported here.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import pickle
 from pathlib import Path
@@ -25,25 +25,13 @@ from typing import Any, Optional
 
 import torch
 
+# Cards and bundled paths live in a module without torch (the GUI uses it); re-exported here.
+from .cards import (CHECKPOINT_DIR, bundled_path, card_paths, default_checkpoint, lineage,  # noqa: F401
+                    list_checkpoints, read_card, write_card)
+from .jsonsafe import to_jsonable
+
 FORMAT_VERSION = 1
-CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "resources" / "checkpoints"
 _REQUIRED = ("format_version", "paradigm", "network", "state_dict", "preprocessing")
-
-
-def _plain(obj):
-    """Convert numpy scalars/arrays, tuples and paths to plain lists/floats (weights_only-safe)."""
-    import numpy as np
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def save_checkpoint(path: str | os.PathLike, *, paradigm: str, model: torch.nn.Module, preprocessing: dict,
@@ -57,15 +45,15 @@ def save_checkpoint(path: str | os.PathLike, *, paradigm: str, model: torch.nn.M
         raise ValueError(f"{type(model).__name__} has no .config; only models that store their constructor "
                          f"config can be checkpointed")
     path = Path(path)
-    prep = _plain(dict(preprocessing))
+    prep = to_jsonable(dict(preprocessing), nonfinite_to_none=False)
     prep.setdefault("spatial_dims", len(prep.get("grid_shape", (0, 0, 0))))
     ckpt = {
         "format_version": FORMAT_VERSION,
         "paradigm": str(paradigm),
-        "network": _plain(model.config),
+        "network": to_jsonable(model.config, nonfinite_to_none=False),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "preprocessing": prep,
-        "training": _plain(training or {}),
+        "training": to_jsonable(training or {}, nonfinite_to_none=False),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if optimizer is not None:
@@ -131,104 +119,6 @@ def load_checkpoint(path: str | os.PathLike, expected_paradigm: Optional[str] = 
         model.eval()
         ckpt["model"] = model
     return ckpt
-
-
-# --------------------------------------------------------------------------- cards and bundled files
-def card_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(JSON card, markdown card) beside a checkpoint file."""
-    p = Path(path)
-    return p.with_suffix(".card.json"), p.with_suffix(".md")
-
-
-def lineage(training: dict) -> list[str]:
-    """One line per training run behind a checkpoint (from ``training["init"]`` chains), first run first."""
-    out, t = [], training
-    while isinstance(t, dict):
-        losses = t.get("losses") or {}
-        parts = [f"{t.get('stage', '?')} stage, {t.get('steps', '?')} steps"]
-        sim = losses.get("similarity")
-        if sim:
-            parts.append(sim + (f" window {losses['lncc_window']}" if sim == "lncc" and losses.get("lncc_window") else ""))
-        parts += [f"{k} {losses[k]}" for k in ("w_smooth", "w_dice", "dice_labels", "w_adv", "self_pairs")
-                  if losses.get(k)]
-        if t.get("lr") is not None:
-            parts.append(f"lr {t['lr']}" + (f" {t['lr_schedule']}" if t.get("lr_schedule") else ""))
-        init = t.get("init") if isinstance(t.get("init"), dict) else {}
-        loaded = init.get("stages_loaded")
-        if isinstance(loaded, dict) and loaded:
-            def name(v):
-                return Path(v["path"] if isinstance(v, dict) else str(v)).name
-            parts.append("started from " + ", ".join(f"{k} of {name(v)}" for k, v in loaded.items()))
-        elif isinstance(loaded, list) and init.get("path"):
-            parts.append(f"started from {', '.join(loaded)} of {Path(init['path']).name}")
-        out.append("; ".join(parts))
-        t = init.get("training")
-    return out[::-1]
-
-
-def write_card(path: str | os.PathLike, card: dict) -> None:
-    """Write the JSON and markdown cards beside checkpoint ``path``.
-
-    The markdown card lists the training lineage (:func:`lineage`) instead of the nested ``init``
-    records, which the JSON card keeps whole."""
-    jpath, mpath = card_paths(path)
-    card = _plain(card)
-    if isinstance(card.get("training"), dict) and card["training"].get("init"):
-        card["lineage"] = lineage(card["training"])
-    jpath.write_text(json.dumps(card, indent=1))
-    lines = [f"# {card.get('title', Path(path).stem)}", ""]
-    if card.get("summary"):
-        lines += [card["summary"], ""]
-    for key, val in card.items():
-        if key in ("title", "summary"):
-            continue
-        lines.append(f"## {key}")
-        if key == "training" and isinstance(val, dict):
-            val = {k: v for k, v in val.items() if k not in ("init", "val_history")}
-        if isinstance(val, dict):
-            lines += [f"- **{k}**: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in val.items()]
-        elif isinstance(val, list):
-            lines += [f"- {json.dumps(v) if isinstance(v, (dict, list)) else v}" for v in val]
-        else:
-            lines.append(str(val))
-        lines.append("")
-    mpath.write_text("\n".join(lines))
-
-
-def read_card(path: str | os.PathLike) -> dict:
-    """The card of a checkpoint: its JSON card when present, else the metadata stored in the file."""
-    jpath, _ = card_paths(path)
-    if jpath.is_file():
-        return json.loads(jpath.read_text())
-    ckpt = _read_raw(Path(path))
-    return {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer")}
-
-
-def list_checkpoints(paradigm_key: str, directory: str | os.PathLike | None = None) -> list[Path]:
-    """Checkpoint files (``*.pt``) for ``paradigm_key`` in ``directory`` (default: the bundled ones)."""
-    d = Path(directory) if directory else CHECKPOINT_DIR
-    out = []
-    for p in sorted(d.glob("*.pt")):
-        try:
-            card = read_card(p)
-        except (ValueError, json.JSONDecodeError):
-            continue
-        if card.get("paradigm") == paradigm_key:
-            out.append(p)
-    return out
-
-
-def default_checkpoint(paradigm_key: str, variant: str = "") -> Path:
-    """The bundled checkpoint ``resources/checkpoints/<paradigm_key>[_<variant>].pt``.
-
-    Raises ValueError (with how to get one) when it is not there.
-    """
-    name = f"{paradigm_key}_{variant}.pt" if variant else f"{paradigm_key}.pt"
-    path = CHECKPOINT_DIR / name
-    if not path.is_file():
-        raise ValueError(f"no bundled checkpoint {name} for paradigm '{paradigm_key}' in {CHECKPOINT_DIR}; "
-                         f"train one with `main.py train --paradigm {paradigm_key} --out FILE` and pass it as the checkpoint")
-    return path
 
 
 def checkpoint_id(ckpt: dict) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 from . import metrics as M
 from . import paradigms
+from .jsonsafe import to_jsonable
 from .spatial import jacobian_map, resample, transform_to_field
 from .types import (Cancelled, LabelMap, Landmarks, Progress, ProgressFn, RegistrationResult,
                     Transform, Volume, check_cancel, params_to_dict)
@@ -34,11 +34,6 @@ def _on_fixed_grid(labels: Optional[LabelMap], fixed: Volume) -> Optional[LabelM
     if labels is None or labels.same_grid(fixed):
         return labels
     return resample(labels, fixed, None, "nearest")
-
-
-def _finite(x) -> Optional[float]:
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def transform_metrics(fixed: Volume, moving: Volume, transform: Transform, *,
@@ -59,10 +54,10 @@ def transform_metrics(fixed: Volume, moving: Volume, transform: Transform, *,
         wl = warped_labels if warped_labels is not None else resample(moving_labels, fixed, transform, "nearest")
         dice = M.dice_per_label(fl.array, wl.array)
         out["dice_per_label"] = {str(int(k)): round(float(v), 6) for k, v in dice.items()}
-        out["dice_mean"] = _finite(M.summarize_dice(dice)) if dice else None
+        out["dice_mean"] = to_jsonable(float(M.summarize_dice(dice))) if dice else None
         if with_hd95:
             hd = M.hd95_per_label(fl.array, wl.array, fixed.spacing)
-            out["hd95_per_label"] = {str(int(k)): _finite(v) for k, v in hd.items()}
+            out["hd95_per_label"] = {str(int(k)): to_jsonable(float(v)) for k, v in hd.items()}
             vals = [v for v in hd.values() if np.isfinite(v)]
             out["hd95_mean"] = float(np.mean(vals)) if vals else None
     if fixed_points is not None and moving_points is not None:
@@ -76,7 +71,7 @@ def transform_metrics(fixed: Volume, moving: Volume, transform: Transform, *,
     else:
         fld = field if field is not None else transform_to_field(transform, fixed)
         js = M.jacobian_stats(jacobian_map(fld).array, border=2)
-        out.update(fold_fraction=float(js["fold_fraction"]), sdlogj=_finite(js["sdlogj"]))
+        out.update(fold_fraction=float(js["fold_fraction"]), sdlogj=to_jsonable(float(js["sdlogj"])))
     return out
 
 
@@ -205,19 +200,7 @@ def evaluate_pairs(pairs: list[dict], paradigm_key: str, params=None, *, checkpo
 def write_json(obj, path) -> None:
     from .io import atomic_path
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=1, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+        Path(tmp).write_text(json.dumps(to_jsonable(obj), indent=1, allow_nan=False))
 
 
 def write_evaluation(out_dir, rows: list[dict], full: list[dict], summary: dict) -> None:

@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from app import workers
-from app.engine import paradigms
+from app.engine import cards, paradigms
 
 from .params_form import ParamsForm
 
@@ -38,9 +38,7 @@ _NO_LOSS_STAGES = ("done", "evaluate", "load", "resample")
 _ERROR_STYLE = "color: #b00020;"
 
 
-# resources/checkpoints/ (as app.engine.checkpoints.CHECKPOINT_DIR, which imports torch: the panel
-# must not, so that it opens fast)
-_BUNDLED_DIR = Path(__file__).resolve().parents[2] / "resources" / "checkpoints"
+_BUNDLED_DIR = cards.CHECKPOINT_DIR  # app.engine.cards does not import torch: the panel opens fast
 
 
 def _probe_checkpoints(key: str, chosen: Optional[str]) -> dict:
@@ -475,7 +473,7 @@ class RegistrationPanel(QWidget):
                 variant = "diffeomorphic" if getattr(self.form.values(), "diffeomorphic", False) else ""
             except Exception:  # noqa: BLE001 - a half-typed value: keep the plain default
                 variant = ""
-        path = _BUNDLED_DIR / (f"{key}_{variant}.pt" if variant else f"{key}.pt")
+        path = cards.bundled_path(key, variant)
         return str(path) if path.is_file() else None
 
     @Slot()
