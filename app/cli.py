@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
 
     t = sub.add_parser("train", help="train a learned paradigm")
-    t.add_argument("--paradigm", help="learned paradigm to train (unsupervised, weakly)")
+    t.add_argument("--paradigm", help="learned paradigm to train (see --list-options)")
     t.add_argument("--out", help="checkpoint file to write")
     t.add_argument("--steps", type=int)
     t.add_argument("--resume", help="checkpoint to resume from")
@@ -152,20 +152,28 @@ def _cmd_evaluate(a) -> int:
 
 
 def _cmd_train(a) -> int:
-    from .engine import training
-    from .engine.paradigms import make_params, parse_param_args
+    from .engine import paradigms, training
+    from .engine.paradigms import parse_param_args
+    if not a.paradigm:
+        if a.list_options:
+            for key in paradigms.trainable():
+                print(f"{key}: {paradigms.description(key)}")
+                _print_options(training.config_class(key), indent="    ")
+            return 0
+        raise ValueError(f"train needs --paradigm (one of {', '.join(paradigms.trainable())}) and --out")
+    cfg_cls = training.config_class(a.paradigm)
     if a.list_options:
-        _print_options(training.TrainConfig)
+        _print_options(cfg_cls)
         return 0
-    if not a.paradigm or not a.out:
-        raise ValueError("train needs --paradigm and --out (or --list-options)")
+    if not a.out:
+        raise ValueError("train needs --out (the checkpoint file to write)")
     over = parse_param_args(a.param)
-    over.update(paradigm=a.paradigm, out=a.out, device=a.device)
+    over.update(out=a.out, device=a.device)
     if a.steps is not None:
         over["steps"] = a.steps
     if a.resume:
         over["resume"] = a.resume
-    cfg = make_params(training.TrainConfig, over)
+    cfg = training.make_config(a.paradigm, over)
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, desc=f"train [{a.paradigm}]", unit="step", file=sys.stderr,
                disable=a.no_progress, dynamic_ncols=True)
@@ -176,7 +184,7 @@ def _cmd_train(a) -> int:
         bar.set_postfix_str(p.message or f"loss {p.loss:.4g}", refresh=False)
 
     try:
-        path = training.train(cfg, progress=progress, cancel=_cancel_event())
+        path = training.train(a.paradigm, cfg, progress=progress, cancel=_cancel_event())
     finally:
         bar.close()
     print(f"checkpoint written: {path}")
@@ -197,7 +205,7 @@ def _cmd_info(a) -> int:
     if a.paradigms or not a.file:
         from .engine import paradigms
         for key in paradigms.available():
-            print(f"{key}: {paradigms.DESCRIPTIONS.get(key, '')}")
+            print(f"{key}: {paradigms.description(key)}")
             _print_options(paradigms.get(key).Params, indent="    ")
         return 0
     from .engine import io

@@ -10,11 +10,11 @@ from app.engine import training  # noqa: E402
 
 
 def main(out_dir: str) -> None:
-    cfg = training.TrainConfig(out=os.path.join(out_dir, "ddp.pt"), grid="18x24x24", spacing_mm=10.0, enc="4,8,8",
+    cfg = training.make_config("unsupervised", out=os.path.join(out_dir, "ddp.pt"), grid="18x24x24", spacing_mm=10.0, enc="4,8,8",
                                dec="8,8", out_level=1, max_train_subjects=4, max_val_pairs=1, val_every=0,
                                ckpt_every=0, steps=3, lr=1e-2, lncc_window=3, device="cpu", threads=1,
                                cache_dir=os.path.join(out_dir, "cache"))
-    out = training.run_training(cfg)
+    out = training.run_training("unsupervised", cfg)
     rank = int(os.environ["RANK"])
     torch.save(out["model"].state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     pairs = []

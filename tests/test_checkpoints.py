@@ -163,3 +163,28 @@ def test_lineage_lists_the_runs_first_to_last(tmp_path):
     C.write_card(pt, {"title": "m", "training": second})
     md = C.card_paths(pt)[1].read_text()
     assert "## lineage" in md and "started from affine of a.pt" in md and "stages_loaded" not in md
+
+
+def test_a_network_kind_the_paradigm_does_not_accept_is_refused(tmp_path):
+    """A checkpoint names its paradigm and its network kind: both must fit the paradigm."""
+    from app.engine.nn.registry import build_network
+    from app.engine.paradigms.unsupervised import UnsupervisedRegistrar
+    net = build_network({"kind": "deformable", "enc": [4, 8], "dec": [8], "out_level": 1})
+    p = C.save_checkpoint(tmp_path / "field_only.pt", paradigm="unsupervised", model=net,
+                          preprocessing=D.Preprocessing(grid_shape=(12, 16, 16), spacing_mm=8.0).to_dict())
+    assert C.load_checkpoint(p, "unsupervised")["network"]["kind"] == "deformable"   # no kinds: accepted
+    with pytest.raises(ValueError, match="holds a 'deformable' network; it needs 'two_stage'"):
+        C.load_checkpoint(p, "unsupervised", kinds=("two_stage",))
+    vol = Volume(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), (4, 4, 4))
+    with pytest.raises(ValueError, match="needs 'two_stage'"):
+        UnsupervisedRegistrar().register(vol, vol, None, checkpoint=p, device="cpu")
+
+
+def test_network_registry_rebuilds_and_refuses_unknown_kinds():
+    from app.engine.nn import registry
+    again = registry.build_network(tiny_model().config)
+    assert isinstance(again, TwoStageNet)
+    with pytest.raises(ValueError, match="unknown network kind 'nope'; kinds: .*two_stage"):
+        registry.build_network({"kind": "nope"})
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_network("two_stage", "somewhere:Else")

@@ -171,3 +171,11 @@ def test_train_then_register_with_the_new_checkpoint(tmp_path):
 def test_train_lists_its_options():
     r = run("train", "--list-options")
     assert r.returncode == 0 and "w_adv" in r.stdout and "dice_labels" in r.stdout
+    from app.engine import paradigms
+    for key in paradigms.trainable():          # every learned paradigm lists its own options
+        r = run("train", "--paradigm", key, "--list-options")
+        assert r.returncode == 0 and "steps = " in r.stdout and "ckpt_every" in r.stdout, (key, r.stderr)
+    assert "dice_labels" in run("train", "--paradigm", "weakly", "--list-options").stdout
+    assert "dice_labels" not in run("train", "--paradigm", "unsupervised", "--list-options").stdout
+    r = run("train", "--paradigm", "iterative", "--list-options")
+    assert r.returncode == 1 and "not trained" in r.stderr

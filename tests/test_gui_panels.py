@@ -80,9 +80,7 @@ class FakeLearnedRegistrar(FakeRegistrar):
 @pytest.fixture
 def fake_paradigms(monkeypatch):
     monkeypatch.setitem(paradigms.REGISTRY, "fake", f"{__name__}:FakeRegistrar")
-    monkeypatch.setitem(paradigms.DESCRIPTIONS, "fake", FakeRegistrar.description)
     monkeypatch.setitem(paradigms.REGISTRY, "fake_learned", f"{__name__}:FakeLearnedRegistrar")
-    monkeypatch.setitem(paradigms.DESCRIPTIONS, "fake_learned", FakeLearnedRegistrar.description)
     CALLS.clear()
     yield
     from app import workers

@@ -18,12 +18,13 @@ HAVE_IXI = D.ixi_paths(D.load_split()["train"][0])[0].exists()
 needs_ixi = pytest.mark.skipif(not HAVE_IXI, reason="IXI data not available")
 
 
-def tiny_config(tmp_path, **kw):
+def tiny_config(tmp_path, paradigm="unsupervised", **kw):
+    """(paradigm, its TrainConfig) for a tiny run: 10 mm grid, a few subjects, a few steps."""
     base = dict(out=str(tmp_path / "tiny.pt"), grid="18x24x24", spacing_mm=10.0, enc="4,8,8", dec="8,8",
                 out_level=1, max_train_subjects=4, max_val_pairs=1, val_every=0, ckpt_every=0, steps=4,
                 lr=3e-3, lncc_window=3, cache_dir=str(tmp_path / "cache"), threads=2)
     base.update(kw)
-    return training.TrainConfig(**base)
+    return paradigm, training.config_class(paradigm)(**base)
 
 
 @needs_ixi
@@ -31,7 +32,7 @@ def test_loss_falls_on_tiny_real_data(tmp_path):
     cfg = tiny_config(tmp_path, stage="joint", steps=30, max_train_subjects=2, aug_intensity=False,
                       aug_rot_deg=0.0, aug_scale=0.0, aug_trans_mm=0.0, lr=5e-3)
     seen = []
-    out = training.run_training(cfg, progress=seen.append)
+    out = training.run_training(*cfg, progress=seen.append)
     losses = [h["total"] for h in out["history"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.01
     assert [p.iteration for p in seen if p.stage == "train"] == list(range(1, 31))
@@ -43,24 +44,31 @@ def test_loss_falls_on_tiny_real_data(tmp_path):
 @needs_ixi
 def test_weakly_resume_and_cancel(tmp_path):
     cfg = tiny_config(tmp_path, paradigm="weakly", stage="deformable", steps=3, dice_labels=8, ckpt_every=2)
-    out = training.run_training(cfg)
+    out = training.run_training(*cfg)
     assert {"dice", "sim", "smooth"} <= set(out["history"][-1])
-    resumed = training.run_training(tiny_config(tmp_path, paradigm="weakly", resume=str(out["path"]), steps=5,
+    resumed = training.run_training(*tiny_config(tmp_path, paradigm="weakly", resume=str(out["path"]), steps=5,
                                                 out=str(tmp_path / "resumed.pt")))
     assert [h["step"] for h in resumed["history"]] == [4, 5]
     assert C.load_checkpoint(resumed["path"], "weakly")["training"]["steps"] == 5
     ev = threading.Event()
     ev.set()
     with pytest.raises(Cancelled):
-        training.train(tiny_config(tmp_path, out=str(tmp_path / "never.pt")), cancel=ev)
+        training.train(*tiny_config(tmp_path, out=str(tmp_path / "never.pt")), cancel=ev)
     assert not (tmp_path / "never.pt").exists()
 
 
 def test_bad_options_raise():
+    from app.engine.training import twostage
     with pytest.raises(ValueError, match="grid"):
-        training.TrainConfig(grid="12x12").preprocessing()
+        twostage.preprocessing(training.make_config("unsupervised", grid="12x12"))
     with pytest.raises(ValueError, match="out"):
-        training.train(training.TrainConfig(out=""))
+        training.train("unsupervised", training.make_config("unsupervised", out=""))
+    with pytest.raises(ValueError, match="not trained"):
+        training.config_class("iterative")
+    with pytest.raises(ValueError, match="dice_labels"):     # a weakly-only option
+        training.make_config("unsupervised", {"dice_labels": "8"})
+    with pytest.raises(ValueError, match="trains with WeaklyTrainConfig"):
+        training.train("weakly", training.make_config("unsupervised", out="x.pt"))
 
 
 def test_mean_dice_and_folding_by_hand():
@@ -68,11 +76,14 @@ def test_mean_dice_and_folding_by_hand():
     f[:2] = 1
     w = np.zeros_like(f)
     w[:1] = 1
-    assert training.mean_dice(f, w) == pytest.approx(2 * 16 / (32 + 16))
+    from app.engine.training.twostage import fold_fraction_vox, mean_dice
+    assert mean_dice(f, w) == pytest.approx(2 * 16 / (32 + 16))
     d = np.zeros((3, 6, 6, 6))
-    assert training.fold_fraction_vox(d) == 0.0
+    assert fold_fraction_vox(d) == 0.0
     d[0] = -2.0 * np.arange(6)[:, None, None]        # z -> z - 2z: det = -1 everywhere
-    assert training.fold_fraction_vox(d) == 1.0
+    assert fold_fraction_vox(d) == 1.0
+    d[0] = -0.5 * np.arange(6)[:, None, None]        # z -> z / 2: det = 0.5, no folding
+    assert fold_fraction_vox(d) == 0.0
 
 
 # ----------------------------------------------------------------------------- inference
@@ -144,6 +155,10 @@ def test_affine_prealign_returns_affine(tmp_path):
     fixed, moving = _blob_pair()
     t = _learned.affine_prealign(fixed, moving, checkpoint=ck, device="cpu")
     assert t.kind == "affine"
+    # an untrained affine net is the identity: the prealignment is the centre-of-mass translation,
+    # the same at every point (6, -4, 8 mm: the blob's shift)
+    pts = fixed.index_to_physical([[7.5, 7.5, 7.5], [0.0, 0.0, 0.0], [15.0, 3.0, 9.0]])
+    np.testing.assert_allclose(t.transform_points(pts) - pts, [[6.0, -4.0, 8.0]] * 3, atol=0.6)
 
 
 # ----------------------------------------------------------------------------- datasets helpers
@@ -195,7 +210,8 @@ def test_cache_without_labels_is_refreshed_when_labels_are_needed(tmp_path):
 
 def test_smooth_random_fields_match_the_rms_and_are_smooth():
     like = torch.randn(2, 3, 12, 16, 16) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1, 1)
-    f = training.smooth_random_fields(like, torch.Generator().manual_seed(0))
+    from app.engine.training.twostage import smooth_random_fields
+    f = smooth_random_fields(like, torch.Generator().manual_seed(0))
     assert f.shape == like.shape
     rms = lambda t: t.pow(2).mean(dim=(1, 2, 3, 4)).sqrt()
     torch.testing.assert_close(rms(f), rms(like), rtol=1e-4, atol=0)
@@ -207,13 +223,13 @@ def test_smooth_random_fields_match_the_rms_and_are_smooth():
 @needs_ixi
 def test_adversarial_regulariser_trains_both_players(tmp_path):
     cfg = tiny_config(tmp_path, paradigm="weakly", stage="deformable", steps=3, dice_labels=8, w_adv=0.1)
-    out = training.run_training(cfg)
+    out = training.run_training(*cfg)
     last = out["history"][-1]
     assert {"adv", "discriminator", "dice", "smooth"} <= set(last)
     assert all(np.isfinite(h["discriminator"]) for h in out["history"])
     assert C.load_checkpoint(out["path"], "weakly")["training"]["losses"]["w_adv"] == 0.1
     with pytest.raises(ValueError, match="deformable stage"):
-        training.run_training(tiny_config(tmp_path, stage="affine", w_adv=0.1))
+        training.run_training(*tiny_config(tmp_path, stage="affine", w_adv=0.1))
 
 
 @needs_ixi
@@ -230,18 +246,18 @@ def test_weakly_needs_labels_in_training_only(tmp_path):
     for name in D.load_split()["train"][:2]:
         (root / "t1" / D.ixi_paths(name)[0].name).symlink_to(D.ixi_paths(name)[0])
     with pytest.raises(ValueError, match="label map"):
-        training.run_training(tiny_config(tmp_path, paradigm="weakly", stage="deformable", data_root=str(root),
+        training.run_training(*tiny_config(tmp_path, paradigm="weakly", stage="deformable", data_root=str(root),
                                           max_train_subjects=2, cache_dir=""))
 
 
 @needs_ixi
 def test_init_keeps_the_affine_iterations_of_the_checkpoint(tmp_path):
-    first = training.run_training(tiny_config(tmp_path, stage="affine", steps=1, affine_iterations=2,
+    first = training.run_training(*tiny_config(tmp_path, stage="affine", steps=1, affine_iterations=2,
                                               out=str(tmp_path / "a.pt")))
     assert first["model"].affine_iterations == 2
-    kept = training.run_training(tiny_config(tmp_path, stage="deformable", steps=1, init=str(first["path"]),
+    kept = training.run_training(*tiny_config(tmp_path, stage="deformable", steps=1, init=str(first["path"]),
                                              out=str(tmp_path / "b.pt")))
     assert kept["model"].affine_iterations == 2
-    changed = training.run_training(tiny_config(tmp_path, stage="deformable", steps=1, init=str(first["path"]),
+    changed = training.run_training(*tiny_config(tmp_path, stage="deformable", steps=1, init=str(first["path"]),
                                                 affine_iterations=1, out=str(tmp_path / "c.pt")))
     assert changed["model"].affine_iterations == 1

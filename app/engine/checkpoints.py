@@ -3,7 +3,7 @@
 A checkpoint is a ``torch.save``'d dict of plain values and tensors::
 
     {format_version, paradigm,
-     network: {kind, ...constructor config},          # rebuilt with nn.networks.build_model
+     network: {kind, ...constructor config},          # rebuilt through nn.registry (one registry of network kinds)
      state_dict: {name: tensor},                       # loaded strictly
      preprocessing: {grid_shape, spacing_mm, direction, percentile, prealignment, spatial_dims, intensity},
      training: {data, split, steps, losses, final validation metrics, ...},
@@ -86,15 +86,17 @@ def _read_raw(path: Path) -> dict:
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike, expected_paradigm: Optional[str] = None, build: bool = True) -> dict:
+def load_checkpoint(path: str | os.PathLike, expected_paradigm: Optional[str] = None, build: bool = True,
+                    kinds: tuple[str, ...] = ()) -> dict:
     """Read and validate a checkpoint; rebuild its network.
 
     Returns the checkpoint dict plus ``"model"`` (the rebuilt network on the CPU, in eval mode, when
     ``build``) and ``"path"``. Raises ValueError with the reason when the file is missing, is not a
     checkpoint, holds foreign Python objects, has a newer format, belongs to another paradigm, is
-    2D, or its weights do not fit its network config.
+    2D, its network kind is not one of ``kinds`` (when given: the kinds the paradigm accepts), or its
+    weights do not fit its network config. Networks are rebuilt through :mod:`app.engine.nn.registry`.
     """
-    from .nn.networks import build_model
+    from .nn.registry import build_network as build_model
     path = Path(path)
     ckpt = _read_raw(path)
     if not isinstance(ckpt["format_version"], int) or ckpt["format_version"] > FORMAT_VERSION:
@@ -103,6 +105,10 @@ def load_checkpoint(path: str | os.PathLike, expected_paradigm: Optional[str] = 
     if expected_paradigm is not None and ckpt["paradigm"] != expected_paradigm:
         raise ValueError(f"{path.name} was trained for paradigm '{ckpt['paradigm']}', not '{expected_paradigm}'; "
                          f"pick a checkpoint made for '{expected_paradigm}'")
+    if kinds:
+        from .nn.registry import check_kind
+        who = f"paradigm '{expected_paradigm}'" if expected_paradigm else "this use"
+        check_kind(ckpt["network"], tuple(kinds), f"{path.name} (for {who})")
     prep = ckpt["preprocessing"]
     dims = prep.get("spatial_dims", len(prep.get("grid_shape", ())))
     if dims != 3 or len(prep.get("grid_shape", ())) != 3:

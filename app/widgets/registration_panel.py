@@ -151,7 +151,7 @@ class RegistrationPanel(QWidget):
         for k in (keys if keys is not None else paradigms.available()):
             self.paradigm_combo.addItem(k, k)
             self.paradigm_combo.setItemData(self.paradigm_combo.count() - 1,
-                                            paradigms.DESCRIPTIONS.get(k, ""), Qt.ToolTipRole)
+                                            paradigms.description(k), Qt.ToolTipRole)
         self.description_label = QLabel()
         self.description_label.setWordWrap(True)
         self.description_label.setStyleSheet("color: #555;")
@@ -415,7 +415,7 @@ class RegistrationPanel(QWidget):
             self.checkpoint_group.setVisible(False)
             self._update_enabled()
             return
-        self.description_label.setText(paradigms.DESCRIPTIONS.get(key, ""))
+        self.description_label.setText(paradigms.description(key))
         try:
             reg = self._registrars.get(key) or paradigms.get(key)
             self._registrars[key] = reg
@@ -425,7 +425,7 @@ class RegistrationPanel(QWidget):
             self.form.changed.connect(self._on_form_changed)
             self.params_scroll.setWidget(self.form)
             self._current_form_key = key
-            desc = getattr(reg, "description", "") or paradigms.DESCRIPTIONS.get(key, "")
+            desc = getattr(reg, "description", "") or paradigms.description(key)
             self.description_label.setText(desc)
         except Exception as e:  # noqa: BLE001 - a broken paradigm module is a message
             self._registrar_error = f"paradigm '{key}' cannot be loaded: {workers.error_message(e)}"

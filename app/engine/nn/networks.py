@@ -6,7 +6,7 @@
 * :class:`AffineNet` - a strided CNN regressing a 3x4 affine, initialised to the identity.
 * :class:`TwoStageNet` - affine then deformable, the DLIR-style model the learned paradigms ship.
 
-``build_model(config)`` rebuilds any of them from ``model.config``.
+``build_model(config)`` rebuilds any of them (and any kind of :mod:`.registry`) from ``model.config``.
 """
 from __future__ import annotations
 
@@ -267,15 +267,8 @@ class TwoStageNet(nn.Module):
                        "deformable": dict(self.deformable.config), "affine_iterations": self.affine_iterations}
 
 
-_KINDS = {"deformable": DeformableNet, "affine": AffineNet, "affine_flow": FlowAffineNet, "two_stage": TwoStageNet}
-
-
 def build_model(config: dict) -> nn.Module:
-    """Rebuild a network from its ``config`` (``model.config``); raises ValueError if unknown."""
-    if not isinstance(config, dict) or config.get("kind") not in _KINDS:
-        raise ValueError(f"unknown network config {config!r}; kinds: {', '.join(_KINDS)}")
-    kw = {k: v for k, v in config.items() if k != "kind"}
-    try:
-        return _KINDS[config["kind"]](**kw)
-    except TypeError as e:
-        raise ValueError(f"network config {config!r} does not fit {config['kind']}: {e}") from None
+    """Rebuild a network from its ``config`` (``model.config``) through the one registry of network
+    kinds (:mod:`app.engine.nn.registry`); raises ValueError if unknown."""
+    from .registry import build_network
+    return build_network(config)

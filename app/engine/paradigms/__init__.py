@@ -16,28 +16,36 @@ REGISTRY: dict[str, str] = {
     "instance": "app.engine.paradigms.instance:InstanceRegistrar",
 }
 
-DESCRIPTIONS: dict[str, str] = {
-    "iterative": "Conventional: SimpleITK rigid -> affine -> deformable optimisation, multi-resolution",
-    "unsupervised": "Unsupervised end-to-end: learned affine + U-Net field (optionally diffeomorphic), image similarity",
-    "weakly": "Weakly supervised: as unsupervised, trained with Dice on warped labels (labels needed only in training)",
-    "instance": "One-shot instance optimisation: a field optimised on this pair alone (Adam, multi-level)",
-}
-
-
 def available() -> list[str]:
     """Registered paradigm keys, in display order."""
     return list(REGISTRY)
 
 
+def registrar_class(key: str) -> type:
+    """The registrar class of ``key`` (imports its module on first use; paradigm modules import no
+    torch at module level, so this stays cheap)."""
+    if key not in REGISTRY:
+        hint = " (a pipeline 'A+B' is run by app.engine.pipeline)" if "+" in str(key) else ""
+        raise ValueError(f"unknown paradigm '{key}'{hint}; available: {', '.join(REGISTRY)}")
+    mod, cls = REGISTRY[key].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
 def get(key: str) -> Registrar:
     """Instantiate the registrar for ``key`` (imports its module on first use)."""
-    if key not in REGISTRY:
-        raise ValueError(f"unknown paradigm '{key}'; available: {', '.join(REGISTRY)}")
-    mod, cls = REGISTRY[key].split(":")
-    return getattr(importlib.import_module(mod), cls)()
+    return registrar_class(key)()
 
 
-def register_paradigm(key: str, target: str, description: str) -> None:
+def description(key: str) -> str:
+    """One line about paradigm ``key``: its class's ``description`` (the one source)."""
+    return getattr(registrar_class(key), "description", "")
+
+
+def trainable() -> list[str]:
+    """Keys of the paradigms that have a trainer (``main.py train``)."""
+    return [k for k in REGISTRY if getattr(registrar_class(k), "trainer", None)]
+
+
+def register_paradigm(key: str, target: str) -> None:
     """Add a paradigm (``target`` = "module:Class")."""
     REGISTRY[key] = target
-    DESCRIPTIONS[key] = description

@@ -24,10 +24,11 @@ from ..types import (LabelMap, Progress, ProgressFn, RegistrationResult, Transfo
 _CACHE: dict = {}
 
 
-def load_model(key: str, checkpoint=None, variant: str = "") -> dict:
+def load_model(key: str, checkpoint=None, variant: str = "", kinds: tuple[str, ...] = ("two_stage",)) -> dict:
     """Load (and cache by path + modification time) the checkpoint for paradigm ``key``.
 
-    ``checkpoint`` None -> :func:`app.engine.checkpoints.default_checkpoint` (``key``, ``variant``).
+    ``checkpoint`` None -> :func:`app.engine.checkpoints.default_checkpoint` (``key``, ``variant``);
+    a checkpoint of another paradigm, or whose network kind is not in ``kinds``, is refused.
     """
     from .. import checkpoints
     path = Path(checkpoint) if checkpoint else checkpoints.default_checkpoint(key, variant)
@@ -36,11 +37,7 @@ def load_model(key: str, checkpoint=None, variant: str = "") -> dict:
     except OSError:
         raise ValueError(f"checkpoint file not found: {path}") from None
     if stamp not in _CACHE:
-        ckpt = checkpoints.load_checkpoint(path, expected_paradigm=key)
-        from ..nn.networks import TwoStageNet
-        if not isinstance(ckpt["model"], TwoStageNet):
-            raise ValueError(f"{path.name} holds a {type(ckpt['model']).__name__}; paradigm '{key}' needs an "
-                             f"affine + deformable (two_stage) network")
+        ckpt = checkpoints.load_checkpoint(path, expected_paradigm=key, kinds=kinds)
         _CACHE.clear()      # keep one model in memory
         _CACHE[stamp] = ckpt
     return _CACHE[stamp]
@@ -105,24 +102,32 @@ def field_on_fixed_grid(disp_mm, working: Volume, fixed: Volume):
 
 def register_two_stage(key: str, fixed: Volume, moving: Volume, params, *, checkpoint=None, variant: str = "",
                        deformable: bool = True, moving_labels: Optional[LabelMap] = None,
+                       initial: Optional[Transform] = None, kinds: tuple[str, ...] = ("two_stage",),
                        progress: Optional[ProgressFn] = None, cancel: Optional[threading.Event] = None,
                        device: str = "auto") -> RegistrationResult:
-    """The whole inference pipeline of a two-stage learned paradigm (see the module docstring)."""
+    """The whole inference pipeline of a two-stage learned paradigm (see the module docstring).
+
+    With ``initial`` (fixed -> moving points, e.g. the previous stage of a pipeline) the network sees
+    the moving image resampled once through it onto the fixed grid, and the result's transform is
+    ``initial.then(T_net)``: still one composite, and the moving image is resampled once through it.
+    """
     import torch
     from ..nn import geometry as G
     from ..nn import resolve_device
-    from ..spatial import field_to_transform, resample
+    from ..spatial import field_to_transform, resample, transform_to_field
     from .. import checkpoints
     t_start = time.perf_counter()
     dev = resolve_device(device)
     check_cancel(cancel)
     if progress:
         progress(Progress("load", message="loading the model", fraction=0.05))
-    ckpt = load_model(key, checkpoint, variant)
+    ckpt = load_model(key, checkpoint, variant, kinds)
     check_cancel(cancel)
+    start = initial if initial is not None and initial.kind != "identity" else None
+    seen = resample(moving, fixed, start, "linear") if start is not None else moving
     if progress:
         progress(Progress("network", message=f"affine + deformable network on {dev.type}", fraction=0.3))
-    res = run_pair(ckpt, fixed, moving, dev, deformable)
+    res = run_pair(ckpt, fixed, seen, dev, deformable)
     check_cancel(cancel)
     t0 = time.perf_counter()
     affine = res["affine"]
@@ -144,6 +149,9 @@ def register_two_stage(key: str, fixed: Volume, moving: Volume, params, *, check
         transform = t_aff.then(field_to_transform(u_vol))
     field = Volume(full.T.reshape(*fixed.shape, 3).cpu().numpy(), fixed.spacing, fixed.origin,
                    fixed.direction.copy(), "field")
+    if start is not None:
+        transform = start.then(transform)
+        field = transform_to_field(transform, fixed)
     t1 = time.perf_counter()
     check_cancel(cancel)
     if progress:

@@ -16,7 +16,8 @@ import threading
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from ..types import LabelMap, Landmarks, ProgressFn, RegistrationResult, Volume
+from ..training.config import LoopConfig
+from ..types import LabelMap, Landmarks, ProgressFn, RegistrationResult, Transform, Volume
 from .base import param
 
 
@@ -28,6 +29,50 @@ class UnsupervisedParams:
                         choices=("affine", "affine+deformable"))
 
 
+@dataclass
+class UnsupervisedTrainConfig(LoopConfig):
+    """Training options of the two-stage model (``main.py train --paradigm unsupervised``);
+    the trainer is :class:`app.engine.training.twostage.TwoStageTrainer`."""
+
+    stage: str = param("joint", "what to train: the affine net, the deformable net (affine frozen) or both",
+                       choices=("affine", "deformable", "joint"))
+    diffeomorphic: bool = param(False, "deformable stage predicts a stationary velocity (scaling and squaring)")
+    grid: str = param("45x60x60", "working grid z x y x x (voxels)")
+    spacing_mm: float = param(4.0, "working grid spacing (isotropic, mm)", range=(0.25, 32.0))
+    affine_kind: str = param("flow", "affine stage: 'flow' (coarse U-Net flow + least-squares affine fit) or "
+                                     "'regression' (CNN regressing the 12 parameters)", choices=("flow", "regression"))
+    affine_iterations: int = param(0, "recursive applications of the affine net (training draws 1..N at random); "
+                                      "0: the affine checkpoint's own number (init / init_affine), else 1",
+                                   range=(0, 8))
+    init_affine: str = param("", "checkpoint whose affine stage replaces the one from init")
+    affine_channels: str = param("8,16,32,32,32", "regression affine net: channels per stride-2 level")
+    affine_pool: int = param(2, "affine net: average-pool its inputs by this factor first", range=(1, 4))
+    w_affine_dense: float = param(1.0, "flow affine net: weight of the similarity of its dense (pooled) warp "
+                                       "(+ w_smooth x its smoothness), which teaches the flow quickly", range=(0.0, 1e4))
+    enc: str = param("8,16,32,32", "U-Net encoder channels per level")
+    dec: str = param("32,32,16", "U-Net decoder channels (coarsest first, down to out_level)")
+    out_level: int = param(1, "field resolution level of the U-Net (0 = working grid, 1 = half)", range=(0, 4))
+    int_steps: int = param(7, "scaling-and-squaring steps (diffeomorphic)", range=(0, 12))
+    similarity: str = param("lncc", "image similarity", choices=("lncc", "mse", "mi"))
+    lncc_window: int = param(5, "local NCC window (voxels of the working grid, odd)", range=(1, 21))
+    w_sim: float = param(1.0, "weight of the image similarity", range=(0.0, 1e4))
+    w_affine_sim: float = param(1.0, "joint stage: weight of the affine-stage similarity", range=(0.0, 1e4))
+    w_smooth: float = param(1.0, "weight of the gradient-L2 regulariser (voxels^2)", range=(0.0, 1e4))
+    w_adv: float = param(0.0, "deformable stage: weight of the adversarial deformation regulariser (a discriminator "
+                              "trained to tell the predicted fields from smooth random ones, Hu et al. 2018); 0: off",
+                         range=(0.0, 1e4))
+    adv_lr: float = param(1e-4, "Adam learning rate of the discriminator (w_adv > 0)", range=(1e-7, 1.0))
+    aug_rot_deg: float = param(10.0, "augmentation: max rotation per axis (degrees)", range=(0.0, 180.0))
+    aug_scale: float = param(0.1, "augmentation: max relative scaling", range=(0.0, 0.5))
+    aug_trans_mm: float = param(10.0, "augmentation: max translation per axis (mm)", range=(0.0, 100.0))
+    aug_intensity: bool = param(True, "augmentation: random gamma, scale and noise")
+    self_pairs: float = param(0.0, "affine/joint stages: fraction of pairs made of a subject and its own randomly "
+                                   "transformed copy, whose known transform also supervises the affine stage "
+                                   "(self-supervised: no labels)", range=(0.0, 1.0))
+    w_selfsup: float = param(1.0, "weight of the self-supervised affine error (mean squared point error, cm^2)",
+                             range=(0.0, 1e4))
+
+
 class UnsupervisedRegistrar:
     """Learned affine + deformable registration trained on image pairs only."""
 
@@ -36,17 +81,22 @@ class UnsupervisedRegistrar:
     description: ClassVar[str] = ("Unsupervised end-to-end: learned affine + U-Net deformable (optionally "
                                   "diffeomorphic), trained with local NCC + smoothness")
     learned: ClassVar[bool] = True
+    TrainConfig: ClassVar[type] = UnsupervisedTrainConfig
+    trainer: ClassVar[str] = "app.engine.training.twostage:TwoStageTrainer"
+    network_kinds: ClassVar[tuple[str, ...]] = ("two_stage",)
 
     def register(self, fixed: Volume, moving: Volume, params: Optional[UnsupervisedParams] = None, *,
                  fixed_labels: Optional[LabelMap] = None, moving_labels: Optional[LabelMap] = None,
                  fixed_points: Optional[Landmarks] = None, moving_points: Optional[Landmarks] = None,
-                 checkpoint=None, progress: Optional[ProgressFn] = None,
+                 checkpoint=None, initial: Optional[Transform] = None, progress: Optional[ProgressFn] = None,
                  cancel: Optional[threading.Event] = None, device: str = "auto") -> RegistrationResult:
         """Register ``moving`` onto ``fixed``; labels and landmarks are only carried along (labels are
-        warped when given). ``checkpoint`` None: the bundled one (``diffeomorphic`` picks which)."""
+        warped when given). ``checkpoint`` None: the bundled one (``diffeomorphic`` picks which).
+        ``initial`` (fixed -> moving points): the network sees the moving image resampled through it and
+        the result is ``initial`` then the network's transform."""
         from ._learned import register_two_stage
         params = params or UnsupervisedParams()
         return register_two_stage(self.key, fixed, moving, params, checkpoint=checkpoint,
                                   variant="diffeomorphic" if params.diffeomorphic else "",
                                   deformable=params.stages != "affine", moving_labels=moving_labels,
-                                  progress=progress, cancel=cancel, device=device)
+                                  initial=initial, kinds=self.network_kinds, progress=progress, cancel=cancel, device=device)
