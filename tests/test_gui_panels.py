@@ -84,7 +84,8 @@ def fake_paradigms(monkeypatch):
     CALLS.clear()
     yield
     from app import workers
-    workers.cancel_all_and_wait(5000)
+    workers.default_engine().cancel_all()
+    workers.default_engine().wait_idle(10000)
 
 
 def _pair() -> dict:
@@ -102,7 +103,7 @@ def _pair() -> dict:
 
 def _wait_idle(qtbot):
     from app import workers
-    qtbot.waitUntil(lambda: not workers.active_workers(), timeout=10000)
+    qtbot.waitUntil(lambda: not workers.default_engine().busy, timeout=10000)
 
 
 # ----------------------------------------------------------------------------- params form
@@ -277,7 +278,7 @@ def test_panel_starts_without_torch():
 
 def test_worker_throttles_progress_but_keeps_every_loss(qtbot, fake_paradigms):
     from app import workers
-    w = workers.RegistrationWorker("fake", _pair(), FakeParams(iterations=3000, delay_s=0.0), min_interval_s=0.05)
+    w = workers.RegistrationRun("fake", _pair(), FakeParams(iterations=3000, delay_s=0.0), min_interval_s=0.05)
     got = []
     w.progress.connect(got.append)
     with qtbot.waitSignal(w.finished, timeout=60000):
@@ -290,21 +291,52 @@ def test_worker_throttles_progress_but_keeps_every_loss(qtbot, fake_paradigms):
     _wait_idle(qtbot)
 
 
-def test_task_worker_delivers_on_gui_thread(qtbot):
+def test_engine_runs_every_job_on_one_long_lived_thread(qtbot):
+    from PySide6.QtWidgets import QWidget
+
     from app import workers
-    seen = {}
+    owner = QWidget()
+    eng = workers.Engine(owner)
+    seen = []
 
     def work(a, b=0):
-        seen["worker"] = threading.get_ident()
+        seen.append(threading.get_ident())
         return a + b
 
-    with qtbot.waitCallback(timeout=5000) as cb:
-        workers.run_in_thread(work, 2, b=3, on_done=lambda v: cb((v, threading.get_ident())))
-    assert cb.args[0] == (5, threading.main_thread().ident) and seen["worker"] != threading.main_thread().ident
-    with qtbot.waitCallback(timeout=5000) as cb:
-        workers.run_in_thread(lambda: 1 / 0, on_error=cb)
-    assert cb.args[0] == "ZeroDivisionError: division by zero"
-    _wait_idle(qtbot)
+    try:
+        with qtbot.waitCallback(timeout=5000) as cb:
+            eng.submit(work, 2, b=3, on_done=lambda v: cb((v, threading.get_ident())))
+        assert cb.args[0] == (5, threading.main_thread().ident)
+        with qtbot.waitCallback(timeout=5000) as cb:
+            eng.submit(lambda: 1 / 0, on_error=cb)
+        assert cb.args[0] == "ZeroDivisionError: division by zero"
+        # many requests: one thread, no new QThread or QObject per request
+        got = []
+        for i in range(20):
+            eng.submit(work, i, on_done=got.append)
+        # a job cancelled before it starts never runs, and says so
+        blocker = threading.Event()
+        eng.submit(blocker.wait, 5)
+        skipped = eng.submit(work, 100, on_done=got.append, on_cancelled=lambda: got.append("skipped"))
+        skipped.cancel()
+        blocker.set()
+        assert eng.wait_idle(10000)
+        assert got == list(range(20)) + ["skipped"]
+        assert len(set(seen)) == 1 and seen[0] != threading.main_thread().ident
+        assert eng.thread.isRunning()
+        # callbacks of a deleted context are dropped, not called on a dead widget
+        ctx = QWidget()
+        calls = []
+        eng.submit(blocker.wait, 5, context=ctx, on_done=calls.append)
+        import shiboken6
+        shiboken6.delete(ctx)
+        assert eng.wait_idle(10000) and calls == []
+    finally:
+        assert eng.shutdown(10000)
+    assert not eng.thread.isRunning()
+    with pytest.raises(RuntimeError, match="shut down"):
+        eng.submit(work, 1)
+    owner.deleteLater()
 
 
 # ----------------------------------------------------------------------------- metrics panel

@@ -76,6 +76,9 @@ class MainWindow(QMainWindow):
         self.unsaved_results = False
         self._running = False
         self._pick_restore = None
+        from app.workers import Engine
+        # one long-lived thread for every engine call of this window; stopped in closeEvent
+        self.engine = Engine(self)
         self.setWindowTitle("RegStation")
         self.setAcceptDrops(True)
 
@@ -141,7 +144,7 @@ class MainWindow(QMainWindow):
         docks = []
         try:
             from .registration_panel import RegistrationPanel
-            self.registration_panel = RegistrationPanel()
+            self.registration_panel = RegistrationPanel(engine=self.engine)
             self.registration_panel.set_inputs_provider(self.registration_inputs)
             p = self.registration_panel
             p.run_started.connect(self._on_run_started)
@@ -644,6 +647,7 @@ class MainWindow(QMainWindow):
                 self._ask_save_session()
         if self.registration_panel is not None:
             self.registration_panel.shutdown()
+        self.engine.shutdown()
         self._flicker.stop()
         for v in self.slice_views.values():
             v.close_vtk()

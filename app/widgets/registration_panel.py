@@ -1,9 +1,10 @@
 """Registration panel: paradigm, checkpoint, parameters, device, Run / Cancel, progress, loss curve.
 
-The run itself happens in :class:`app.workers.RegistrationWorker` on its own thread; this panel
-only reacts to the worker's signals on the GUI thread. torch is never imported here: the
-checkpoint list / validation and the CUDA check run in a :class:`app.workers.TaskWorker`, and
-only when a learned paradigm (or one declaring ``uses_torch = True``) is chosen.
+The run itself happens on the window's long-lived :class:`app.workers.Engine` thread (a
+:class:`app.workers.RegistrationRun`); this panel only reacts to its signals on the GUI thread.
+torch is never imported here: the checkpoint list / validation and the CUDA check are jobs on
+the same engine thread, and only when a learned paradigm (or one declaring ``uses_torch =
+True``) is chosen.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Callable, Optional
 
-from PySide6.QtCore import QElapsedTimer, Qt, QTimer, Signal, Slot
+from PySide6.QtCore import QElapsedTimer, Qt, QThread, QTimer, Signal, Slot
 from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -126,12 +127,14 @@ class RegistrationPanel(QWidget):
     run_cancelled = Signal()
 
     def __init__(self, parent: Optional[QWidget] = None, *, keys: Optional[list[str]] = None,
-                 progress_interval_s: float = 0.05):
+                 progress_interval_s: float = 0.05, engine: Optional[workers.Engine] = None):
         super().__init__(parent)
+        self._engine = engine
+        self._probe_job: Optional[workers.Job] = None
         self._provider: Optional[Callable[[], dict]] = None
         self._registrars: dict = {}
         self._saved_params: dict[str, object] = {}
-        self._worker: Optional[workers.RegistrationWorker] = None
+        self._worker: Optional[workers.RegistrationRun] = None
         self._progress_interval_s = progress_interval_s
         self._checkpoint: Optional[str] = None
         self._checkpoint_error: Optional[str] = None
@@ -350,8 +353,8 @@ class RegistrationPanel(QWidget):
             self.run_failed.emit(workers.error_message(e))
             return False
         self._saved_params[key] = params
-        w = workers.RegistrationWorker(key, inputs, params, checkpoint=self._checkpoint if self.is_learned else None,
-                                       device=self.device, min_interval_s=self._progress_interval_s)
+        w = workers.RegistrationRun(key, inputs, params, checkpoint=self._checkpoint if self.is_learned else None,
+                                    device=self.device, min_interval_s=self._progress_interval_s)
         w.progress.connect(self._on_worker_progress)
         w.finished.connect(self._on_worker_finished)
         w.failed.connect(self._on_worker_failed)
@@ -366,7 +369,7 @@ class RegistrationPanel(QWidget):
         self._tick.start()
         self._on_tick()
         self._update_enabled()
-        w.start()
+        w.start(self.engine)
         self.run_started.emit()
         return True
 
@@ -378,15 +381,28 @@ class RegistrationPanel(QWidget):
             self.stage_label.setText("Cancelling…")
 
     def shutdown(self, timeout_ms: int = 10000) -> bool:
-        """Cancel a running registration and wait for its thread (call before closing)."""
+        """Cancel a running registration and wait until the engine has let go of it."""
         w = self._worker
         if w is None:
             return True
         w.cancel()
-        return w.wait(timeout_ms)
+        deadline = QElapsedTimer()
+        deadline.start()
+        from PySide6.QtWidgets import QApplication
+        while w.is_running and deadline.elapsed() < timeout_ms:
+            QApplication.processEvents()
+            QThread.msleep(5)
+        return not w.is_running
 
     @property
-    def worker(self) -> Optional[workers.RegistrationWorker]:
+    def engine(self) -> workers.Engine:
+        """The engine thread this panel queues its work on (the window's, else the default)."""
+        if self._engine is None:
+            self._engine = workers.default_engine()
+        return self._engine
+
+    @property
+    def worker(self) -> Optional[workers.RegistrationRun]:
         """The running worker (None when idle)."""
         return self._worker
 
@@ -406,6 +422,8 @@ class RegistrationPanel(QWidget):
         self._registrar_error = None
         self._probe_gen += 1            # a checkpoint probe still running belongs to the old paradigm
         self._probing = False
+        if self._probe_job is not None:
+            self._probe_job.cancel()
         old = self.params_scroll.takeWidget()
         if old is not None:
             old.deleteLater()
@@ -456,10 +474,12 @@ class RegistrationPanel(QWidget):
         self.checkpoint_status.setStyleSheet("")
         self.checkpoint_status.setText("Checking checkpoints…")
         self._update_enabled()
-        workers.run_in_thread(_probe_checkpoints, key, self._checkpoint or self._bundled_default(), context=self,
-                              on_done=lambda out: self._on_probe_done(gen, out),
-                              on_error=lambda msg: self._on_probe_done(gen, {"error": msg, "paths": [],
-                                                                            "chosen": None, "card": ""}))
+        if self._probe_job is not None:
+            self._probe_job.cancel()        # superseded: skipped if it has not started yet
+        self._probe_job = self.engine.submit(
+            _probe_checkpoints, key, self._checkpoint or self._bundled_default(), name="probe_checkpoints", context=self,
+            on_done=lambda out: self._on_probe_done(gen, out),
+            on_error=lambda msg: self._on_probe_done(gen, {"error": msg, "paths": [], "chosen": None, "card": ""}))
 
     def _bundled_default(self) -> Optional[str]:
         """The bundled checkpoint matching the form: ``<key>.pt``, or ``<key>_diffeomorphic.pt`` when
@@ -536,7 +556,8 @@ class RegistrationPanel(QWidget):
             self._cuda_probing = False
             self._cuda = False
 
-        workers.run_in_thread(_probe_cuda, context=self, on_done=done, on_error=failed)
+        self.engine.submit(_probe_cuda, name="probe_cuda", context=self, on_done=done, on_error=failed,
+                           on_cancelled=lambda: failed("cancelled"))
 
     @Slot()
     def _on_defaults(self):
