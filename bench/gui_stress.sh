@@ -4,7 +4,7 @@
 # "Fatal Python error"/"malloc" messages) apart from plain test failures (exit status 1).
 #
 #   bench/gui_stress.sh [N] [test files...]        (from the repository root)
-#   N defaults to 10; files default to tests/test_gui_panels.py tests/test_gui_views.py
+#   N defaults to 10; files default to tests/test_gui_*.py
 #
 # Prints one line per run and a summary "runs=N crashes=C failures=F". Logs go to
 # ${LOG_DIR:-/tmp/gui_stress}/run<i>.log. Needs xvfb-run.
@@ -12,7 +12,7 @@ set -u
 N=${1:-10}
 shift || true
 FILES=("$@")
-[ ${#FILES[@]} -eq 0 ] && FILES=(tests/test_gui_panels.py tests/test_gui_views.py)
+[ ${#FILES[@]} -eq 0 ] && FILES=(tests/test_gui_*.py)
 PY=${PY:-.venv/bin/python}
 LOG_DIR=${LOG_DIR:-/tmp/gui_stress}
 mkdir -p "$LOG_DIR"
@@ -23,7 +23,8 @@ for _ in 1 2; do
   busy+=($!)
 done
 cleanup() { for p in "${busy[@]}"; do kill "$p" 2>/dev/null; done; }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 crashes=0; failures=0
 for i in $(seq 1 "$N"); do
