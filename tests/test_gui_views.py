@@ -172,6 +172,7 @@ def window(qapp, tmp_path_factory):
     from app.gui import demo_pair
     from app.widgets.main_window import MainWindow
     w = MainWindow(confirm_close=False, autosave_dir=tmp_path_factory.mktemp("autosave"))
+    w.replace_policy = "clear"          # never a modal question in these tests
     w.resize(1000, 760)
     w.show()
     qapp.processEvents()

@@ -234,6 +234,23 @@ class LandmarkPanel(QWidget):
             self._pairs.clear()
             self._changed()
 
+    def clear_side(self, which: str) -> int:
+        """Remove every ``which`` ('fixed' / 'moving') point (pairs left empty are dropped);
+        returns how many points were removed."""
+        if which not in ("fixed", "moving"):
+            raise ValueError(f"which must be 'fixed' or 'moving', got {which!r}")
+        n = sum(1 for p in self._pairs if p[which] is not None)
+        if n:
+            for p in self._pairs:
+                p[which] = None
+            self._pairs = [p for p in self._pairs if p["fixed"] is not None or p["moving"] is not None]
+            self._changed()
+        return n
+
+    def point_count(self, which: str) -> int:
+        """Number of ``which`` ('fixed' / 'moving') points, complete pairs or not."""
+        return sum(1 for p in self._pairs if p[which] is not None)
+
     def pair_count(self, complete_only: bool = False) -> int:
         if complete_only:
             return sum(1 for p in self._pairs if p["fixed"] is not None and p["moving"] is not None)

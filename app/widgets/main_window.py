@@ -74,6 +74,7 @@ class MainWindow(QMainWindow):
         self.runs: list[dict] = []            # {"name", "result", "metrics"}
         self.error_boxes: list[QMessageBox] = []
         self.unsaved_results = False
+        self.replace_policy = "ask"           # what replacing an image does to its dependents: ask/clear/keep
         self._running = False
         self._pick_restore = None
         from app.workers import Engine
@@ -210,9 +211,13 @@ class MainWindow(QMainWindow):
         self.act_save_results = act("Save &results…", self._ask_save_results, "Ctrl+E",
                                     tip="warped image, transform, displacement field, landmarks, metrics")
         self.act_quit = act("&Quit", self.close, "Ctrl+Q")
+        self.unload_actions = {role: act(f"Close {title}", lambda checked=False, r=role: self.unload_layer(r))
+                               for role, title in ROLE_TITLES.items()}
+        self.act_unload_all = act("Close all", lambda: self.unload_all(), tip="every layer, landmark and run")
         self.act_reset_views = act("&Reset views", self.reset_views, "Ctrl+R")
         self.load_actions = [self.act_open_fixed, self.act_open_moving, self.act_open_fixed_labels,
-                             self.act_open_moving_labels, self.act_open_session]
+                             self.act_open_moving_labels, self.act_open_session, self.act_unload_all,
+                             *self.unload_actions.values()]
 
         self.interaction_group = QActionGroup(self)
         self.act_cursor = act("Cursor", lambda: self.set_interaction("cursor"), "C", True,
@@ -249,6 +254,11 @@ class MainWindow(QMainWindow):
         f = mb.addMenu("&File")
         for a in (self.act_open_fixed, self.act_open_moving, self.act_open_fixed_labels, self.act_open_moving_labels):
             f.addAction(a)
+        close = f.addMenu("&Close layer")
+        for a in self.unload_actions.values():
+            close.addAction(a)
+        close.addSeparator()
+        close.addAction(self.act_unload_all)
         f.addSeparator()
         f.addAction(self.act_open_session)
         f.addAction(self.act_save_session)
@@ -292,7 +302,11 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ loading
     def load_layer(self, role: str, path) -> bool:
-        """Read ``path`` into layer ``role``; on failure show why and keep everything as it was."""
+        """Read ``path`` into layer ``role``; on failure show why and keep everything as it was.
+
+        Replacing a loaded fixed or moving image makes its labels, its landmarks and every run
+        stale: they are cleared, or kept when the user says so (:meth:`confirm_stale`).
+        Returns False when nothing was loaded (unreadable file, or the user cancelled)."""
         if role not in ROLE_TITLES:
             raise ValueError(f"unknown layer '{role}'; use one of {', '.join(ROLE_TITLES)}")
         ref = {"fixed_labels": self.state.fixed, "moving_labels": self.state.moving}.get(role)
@@ -300,13 +314,121 @@ class MainWindow(QMainWindow):
         try:
             vol = read_layer(role, path, ref)
             vol.name = vol.name or Path(path).name
-            self.state.set_layer(role, vol, str(Path(path).resolve()))
         except Exception as e:  # noqa: BLE001 - any reader failure becomes a message
             QApplication.restoreOverrideCursor()
             self.show_error(f"Could not open the {ROLE_TITLES[role]}", f"{Path(path).name}:\n{e}")
             return False
         QApplication.restoreOverrideCursor()
+        same_file = self.state.paths.get(role) == str(Path(path).resolve())
+        if not same_file and not self._release_dependents(role, f"Loading {Path(path).name} as the {ROLE_TITLES[role]}"):
+            return False
+        try:
+            self.state.set_layer(role, vol, str(Path(path).resolve()))
+        except ValueError as e:
+            self.show_error(f"Could not open the {ROLE_TITLES[role]}", f"{Path(path).name}:\n{e}")
+            return False
         self.statusBar().showMessage(f"Loaded {ROLE_TITLES[role]}: {Path(path).name}", 5000)
+        return True
+
+    # ------------------------------------------------------------------ stale data
+    def stale_if_replaced(self, role: str) -> list[str]:
+        """What replacing or unloading layer ``role`` makes stale, as phrases for the user
+        (empty when nothing depends on it): its label map, its landmarks, every run."""
+        st = self.state
+        if role not in ("fixed", "moving") or getattr(st, role) is None:
+            return []
+        out = []
+        if getattr(st, f"{role}_labels") is not None:
+            out.append(f"the {role} labels")
+        n = self.landmark_panel.point_count(role) if self.landmark_panel is not None else 0
+        if n:
+            out.append(f"{n} {role} landmark{'s' if n != 1 else ''}")
+        if self.runs:
+            out.append(f"{len(self.runs)} registration run{'s' if len(self.runs) != 1 else ''} and their metrics")
+        return out
+
+    def confirm_stale(self, action: str, stale: list[str]) -> str:
+        """Ask what to do with data computed on an image that is being replaced:
+        'clear' (default button), 'keep' or 'cancel'. ``replace_policy`` other than 'ask'
+        answers without a dialog."""
+        if self.replace_policy != "ask":
+            return self.replace_policy
+        box = QMessageBox(QMessageBox.Warning, "Replace image",
+                          f"{action} makes these stale:\n  - " + "\n  - ".join(stale) +
+                          "\n\nThey belong to the previous image. Clear them, or keep them anyway?", parent=self)
+        clear = box.addButton("Clear them", QMessageBox.AcceptRole)
+        clear.setObjectName("clear")
+        keep = box.addButton("Keep them", QMessageBox.DestructiveRole)
+        keep.setObjectName("keep")
+        cancel = box.addButton(QMessageBox.Cancel)
+        cancel.setObjectName("cancel")
+        box.setDefaultButton(clear)
+        box.setEscapeButton(cancel)
+        box.exec()
+        b = box.clickedButton()
+        return "clear" if b is clear else "keep" if b is keep else "cancel"
+
+    def _release_dependents(self, role: str, action: str) -> bool:
+        """Before ``role`` changes: clear (or keep, if the user says so) what depends on it.
+        False when the user cancelled."""
+        stale = self.stale_if_replaced(role)
+        if not stale:
+            return True
+        answer = self.confirm_stale(action, stale)
+        if answer == "cancel":
+            return False
+        if answer == "clear":
+            self.clear_dependents(role)
+        return True
+
+    def clear_dependents(self, role: str) -> None:
+        """Drop the label map and landmarks of image ``role`` and every run (they were computed
+        on it)."""
+        if role not in ("fixed", "moving"):
+            return
+        if getattr(self.state, f"{role}_labels") is not None:
+            self.state.set_layer(f"{role}_labels", None)
+        if self.landmark_panel is not None:
+            self.landmark_panel.clear_side(role)
+        self.clear_runs()
+
+    def clear_runs(self) -> None:
+        """Forget every run (history, metrics, the warped layer)."""
+        self.runs.clear()
+        if self.metrics_panel is not None:
+            self.metrics_panel.clear()
+        self.state.set_result(None)
+        if self.landmark_panel is not None:
+            self.landmark_panel.set_transform(None)
+
+    def unload_layer(self, role: str) -> bool:
+        """Remove layer ``role`` (and, for an image, what depends on it; see :meth:`load_layer`)."""
+        if role not in ROLE_TITLES:
+            raise ValueError(f"unknown layer '{role}'; use one of {', '.join(ROLE_TITLES)}")
+        if getattr(self.state, role) is None:
+            return True
+        if self._running:
+            self.show_error("Registration running", "Wait for the run to end (or cancel it) before closing layers.")
+            return False
+        if not self._release_dependents(role, f"Closing the {ROLE_TITLES[role]}"):
+            return False
+        self.state.set_layer(role, None)
+        self.statusBar().showMessage(f"Closed the {ROLE_TITLES[role]}", 5000)
+        return True
+
+    def unload_all(self, ask: bool = True) -> bool:
+        """Close every layer, landmark and run (a fresh start). ``ask``: confirm first when there
+        is anything to lose."""
+        has = any(getattr(self.state, r) is not None for r in ROLE_TITLES)
+        if ask and has and self.replace_policy == "ask":
+            if QMessageBox.question(self, "Close all", "Close every image, label map, landmark and run?",
+                                    QMessageBox.Yes | QMessageBox.Cancel) != QMessageBox.Yes:
+                return False
+        self.clear_runs()
+        if self.landmark_panel is not None:
+            self.landmark_panel.clear()
+        for role in ("moving_labels", "fixed_labels", "moving", "fixed"):
+            self.state.set_layer(role, None)
         return True
 
     def load_pair(self, fixed, moving, fixed_labels=None, moving_labels=None) -> bool:
@@ -325,7 +447,8 @@ class MainWindow(QMainWindow):
             self.open_session(p)
             return
         images = [p for p in paths if not p.name.lower().endswith(session_io.LANDMARK_SUFFIXES)]
-        for role, p in self._roles_for(images):
+        # images before label maps: a new image clears its old labels, then the dropped ones come
+        for role, p in sorted(self._roles_for(images), key=lambda rp: rp[0].endswith("labels")):
             self.load_layer(role, p)
         marks = [p for p in paths if p.name.lower().endswith(session_io.LANDMARK_SUFFIXES)]
         for i, p in enumerate(marks):

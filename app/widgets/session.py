@@ -114,8 +114,7 @@ def load_session(win: "MainWindow", path) -> None:
         raise ValueError(f"session version {d.get('version')} is newer than this program ({VERSION})")
     base = path.parent
     st = win.state
-    st.set_result(None)
-    win.runs.clear()
+    win.unload_all(ask=False)           # nothing of the previous work may mix with the session's
     for role in ("fixed", "moving", "fixed_labels", "moving_labels"):
         if role in d.get("files", {}):
             win.load_layer(role, _abs(d["files"][role], base))
