@@ -43,10 +43,13 @@ class _Bar:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--paradigm", required=True, help="paradigm key (see `main.py info --paradigms`)")
+    p.add_argument("--paradigm", required=True,
+                   help="paradigm key (see `main.py info --paradigms`), or a pipeline A+B+C: each stage starts from "
+                        "the previous one's transform (--param B.name=value sets a stage's parameter)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", help="model checkpoint for learned paradigms (default: the bundled one)")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="paradigm parameter")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="paradigm parameter; STAGE.NAME=VALUE for one stage of a pipeline (its key or position)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -207,6 +210,8 @@ def _cmd_info(a) -> int:
         for key in paradigms.available():
             print(f"{key}: {paradigms.description(key)}")
             _print_options(paradigms.get(key).Params, indent="    ")
+        print("pipelines: --paradigm A+B+C runs A, then B from A's transform, then C (one composite transform, "
+              "one resampling); --param B.name=value sets a parameter of stage B")
         return 0
     from .engine import io
     from .engine.jsonsafe import to_jsonable

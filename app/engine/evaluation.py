@@ -21,7 +21,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from . import metrics as M
-from . import paradigms
 from .jsonsafe import to_jsonable
 from .spatial import jacobian_map, resample, transform_to_field
 from .types import (Cancelled, LabelMap, Landmarks, Progress, ProgressFn, RegistrationResult,
@@ -81,24 +80,24 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
                          checkpoint=None, device: str = "auto", progress: Optional[ProgressFn] = None,
                          cancel: Optional[threading.Event] = None,
                          with_hd95: bool = True) -> tuple[RegistrationResult, dict[str, Any]]:
-    """Run paradigm ``paradigm_key`` on one pair and measure it before and after.
+    """Run paradigm or pipeline ``paradigm_key`` (``"A"`` or ``"A+B"``, :mod:`app.engine.pipeline`) on
+    one pair and measure it before and after.
 
-    ``params`` is a Params instance, a dict of overrides (strings are parsed) or None (defaults).
+    ``params`` is a Params instance (single paradigm), a dict of overrides (strings are parsed;
+    ``B.name`` for a pipeline's stage B), a list of one per stage, or None (defaults).
     Raises ValueError on bad input, :class:`~app.engine.types.Cancelled` when cancelled.
     """
     if fixed_points is not None and moving_points is not None and len(fixed_points) != len(moving_points):
         raise ValueError(f"fixed and moving landmarks differ in count: {len(fixed_points)} vs {len(moving_points)}")
-    registrar = paradigms.get(paradigm_key)
-    if params is None or isinstance(params, dict):
-        params = paradigms.make_params(registrar.Params, params or {})
-    else:
-        paradigms.validate_params(params)
+    from .pipeline import make_stage_params, register_pipeline, stages_of
+    keys = stages_of(paradigm_key)
+    stage_params = make_stage_params(keys, params)
     fixed_labels = _on_fixed_grid(fixed_labels, fixed)
     check_cancel(cancel)
     t0 = time.perf_counter()
-    result = registrar.register(fixed, moving, params, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                                fixed_points=fixed_points, moving_points=moving_points, checkpoint=checkpoint,
-                                progress=progress, cancel=cancel, device=device)
+    result = register_pipeline(keys, fixed, moving, stage_params, fixed_labels=fixed_labels,
+                               moving_labels=moving_labels, fixed_points=fixed_points, moving_points=moving_points,
+                               checkpoint=checkpoint, progress=progress, cancel=cancel, device=device)
     elapsed = time.perf_counter() - t0
     check_cancel(cancel)
     if progress:
@@ -114,8 +113,10 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
     m["runtime_s"] = float(result.timings.get("total", elapsed))
     m["device"] = result.device
     m["paradigm"] = paradigm_key
-    m["params"] = params_to_dict(params)
+    m["params"] = dict(result.params) if len(keys) > 1 else params_to_dict(stage_params[0])
     m["checkpoint"] = result.checkpoint_id
+    if len(keys) > 1:
+        m["stages"] = [{k: s[k] for k in ("paradigm", "checkpoint", "timings")} for s in result.stages]
     m["before"] = before
     return result, m
 

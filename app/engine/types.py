@@ -340,6 +340,8 @@ class RegistrationResult:
         Per-iteration records ``{"stage", "iteration", "loss"}``.
     timings : dict
         Seconds per stage and ``"total"``.
+    stages : list of dict
+        For a pipeline (``A+B``): one record per stage (paradigm, params, checkpoint, timings).
     """
 
     transform: Transform
@@ -352,10 +354,14 @@ class RegistrationResult:
     params: dict = dataclasses.field(default_factory=dict)
     checkpoint_id: Optional[str] = None
     warped_labels: Optional[LabelMap] = None
+    stages: list = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"paradigm": self.paradigm, "params": self.params, "checkpoint": self.checkpoint_id,
-                "device": self.device, "timings": self.timings, "transform_kind": self.transform.kind}
+        out = {"paradigm": self.paradigm, "params": self.params, "checkpoint": self.checkpoint_id,
+               "device": self.device, "timings": self.timings, "transform_kind": self.transform.kind}
+        if len(self.stages) > 1:
+            out["stages"] = self.stages
+        return out
 
 
 def params_to_dict(params) -> dict:

@@ -93,7 +93,7 @@ class IterativeRegistrar:
     def register(self, fixed: Volume, moving: Volume, params: Optional[IterativeParams] = None, *,
                  fixed_labels: Optional[LabelMap] = None, moving_labels: Optional[LabelMap] = None,
                  fixed_points: Optional[Landmarks] = None, moving_points: Optional[Landmarks] = None,
-                 checkpoint=None, progress: Optional[ProgressFn] = None,
+                 checkpoint=None, initial: Optional[Transform] = None, progress: Optional[ProgressFn] = None,
                  cancel: Optional[threading.Event] = None, device: str = "auto") -> RegistrationResult:
         """Register ``moving`` onto ``fixed``.
 
@@ -108,6 +108,9 @@ class IterativeRegistrar:
             ``params.mask_from_labels``; never for anything else.
         moving_labels : LabelMap, optional
             When given, resampled (nearest) with the final transform into ``warped_labels``.
+        initial : Transform, optional
+            Fixed -> moving points to start from (a pipeline's previous stage): the stages refine it
+            (no centre-of-mass initialiser then) and the result is the whole chain.
         progress : callable, optional
             Called with :class:`Progress` once per optimiser iteration.
         cancel : threading.Event, optional
@@ -143,7 +146,7 @@ class IterativeRegistrar:
         mask = (_fixed_mask(f_img, fixed_labels if p.mask_from_labels else None, fixed)
                 if p.use_mask and metric_stages else None)
 
-        transform = Transform.identity()
+        transform = initial if initial is not None else Transform.identity()
         timings: dict[str, float] = {}
         for stage in stages:
             t0 = time.perf_counter()
@@ -159,7 +162,8 @@ class IterativeRegistrar:
 
         t0 = time.perf_counter()
         warped = resample(moving, fixed, transform, "linear")
-        field = transform_to_field(transform, fixed) if "deformable" in stages else None
+        field = transform_to_field(transform, fixed) if ("deformable" in stages or (
+            initial is not None and not initial.is_linear)) else None
         warped_labels = resample(moving_labels, fixed, transform, "nearest") if moving_labels is not None else None
         timings["resample"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
