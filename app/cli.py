@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(r)
     for opt in ("--fixed-labels", "--moving-labels", "--fixed-landmarks", "--moving-landmarks"):
         r.add_argument(opt)
+    r.add_argument("--guide-fixed-landmarks", metavar="F",
+                   help="guide points (fixed) the result must honour: a smooth local correction moves each onto "
+                        "its partner in --guide-moving-landmarks (kept apart from the evaluation landmarks)")
+    r.add_argument("--guide-moving-landmarks", metavar="M", help="guide points (moving), matched to F by order")
+    r.add_argument("--error-map", nargs="?", const="consistency", choices=("consistency", "tta"),
+                   help="also write DIR/error_map.nii.gz: the estimated registration error (mm) per fixed voxel "
+                        "(consistency: register the reverse direction too; tta: spread over perturbed restarts)")
 
     e = sub.add_parser("evaluate", help="register every pair of a PAIRS.csv and tabulate metrics")
     e.add_argument("--pairs", required=True, help="CSV: fixed,moving,fixed_labels,moving_labels,fixed_landmarks,moving_landmarks")
@@ -100,11 +107,14 @@ def _cmd_register(a) -> int:
     ml = io.read_labels(a.moving_labels) if a.moving_labels else None
     fp = io.read_landmarks(a.fixed_landmarks) if a.fixed_landmarks else None
     mp = io.read_landmarks(a.moving_landmarks) if a.moving_landmarks else None
+    gf = io.read_landmarks(a.guide_fixed_landmarks) if a.guide_fixed_landmarks else None
+    gm = io.read_landmarks(a.guide_moving_landmarks) if a.guide_moving_landmarks else None
     bar = _Bar(f"register [{a.paradigm}]", not a.no_progress)
     try:
         result, m = register_and_measure(a.paradigm, fixed, moving, params, fixed_labels=fl, moving_labels=ml,
                                          fixed_points=fp, moving_points=mp, checkpoint=a.checkpoint,
-                                         device=a.device, progress=bar, cancel=_cancel_event())
+                                         device=a.device, progress=bar, cancel=_cancel_event(),
+                                         error_map=a.error_map, guide_fixed_points=gf, guide_moving_points=gm)
     finally:
         bar.close()
     write_registration(a.out, result, m)

@@ -79,12 +79,18 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
                          fixed_points: Optional[Landmarks] = None, moving_points: Optional[Landmarks] = None,
                          checkpoint=None, device: str = "auto", progress: Optional[ProgressFn] = None,
                          cancel: Optional[threading.Event] = None,
-                         with_hd95: bool = True) -> tuple[RegistrationResult, dict[str, Any]]:
+                         with_hd95: bool = True, error_map: Optional[str] = None,
+                         guide_fixed_points: Optional[Landmarks] = None,
+                         guide_moving_points: Optional[Landmarks] = None) -> tuple[RegistrationResult, dict[str, Any]]:
     """Run paradigm or pipeline ``paradigm_key`` (``"A"`` or ``"A+B"``, :mod:`app.engine.pipeline`) on
     one pair and measure it before and after.
 
     ``params`` is a Params instance (single paradigm), a dict of overrides (strings are parsed;
     ``B.name`` for a pipeline's stage B), a list of one per stage, or None (defaults).
+    ``guide_fixed_points`` / ``guide_moving_points``: landmark pairs the result must honour
+    (:func:`app.engine.guidance.guided_correction` after the registration; kept apart from the
+    evaluation landmarks). ``error_map``: 'consistency' or 'tta' adds the estimated error map
+    (:mod:`app.engine.errormap`) to the result and its summary to the metrics.
     Raises ValueError on bad input, :class:`~app.engine.types.Cancelled` when cancelled.
     """
     if fixed_points is not None and moving_points is not None and len(fixed_points) != len(moving_points):
@@ -98,6 +104,20 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
     result = register_pipeline(keys, fixed, moving, stage_params, fixed_labels=fixed_labels,
                                moving_labels=moving_labels, fixed_points=fixed_points, moving_points=moving_points,
                                checkpoint=checkpoint, progress=progress, cancel=cancel, device=device)
+    guided = None
+    if guide_fixed_points is not None or guide_moving_points is not None:
+        if guide_fixed_points is None or guide_moving_points is None:
+            raise ValueError("guided correction needs both guide landmark files (fixed and moving)")
+        from .guidance import guided_correction
+        if progress:
+            progress(Progress("guidance", message=f"honouring {len(guide_fixed_points)} guide pairs", fraction=1.0))
+        tg = time.perf_counter()
+        t_new, f_new, guided = guided_correction(fixed, result.transform, guide_fixed_points, guide_moving_points,
+                                                 field=result.field)
+        result.transform, result.field = t_new, f_new
+        result.warped = resample(moving, fixed, t_new, "linear")
+        result.warped_labels = None
+        result.timings = {**result.timings, "guidance": time.perf_counter() - tg}
     elapsed = time.perf_counter() - t0
     check_cancel(cancel)
     if progress:
@@ -118,6 +138,14 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
     if len(keys) > 1:
         m["stages"] = [{k: s[k] for k in ("paradigm", "checkpoint", "timings")} for s in result.stages]
     m["before"] = before
+    if guided is not None:
+        m["guidance"] = guided
+    if error_map:
+        from .errormap import estimate_error_map
+        vol, info = estimate_error_map(paradigm_key, fixed, moving, result, stage_params, method=error_map,
+                                       checkpoint=checkpoint, progress=progress, cancel=cancel, device=device)
+        result.error_map = vol
+        m.update(info)
     return result, m
 
 
@@ -218,7 +246,8 @@ def write_evaluation(out_dir, rows: list[dict], full: list[dict], summary: dict)
 
 
 def write_registration(out_dir, result: RegistrationResult, metrics: dict) -> list[Path]:
-    """Write DIR/warped.nii.gz, DIR/transform.h5, DIR/field.nii.gz (deformable only), DIR/metrics.json.
+    """Write DIR/warped.nii.gz, DIR/transform.h5, DIR/field.nii.gz (deformable only), DIR/metrics.json
+    (and DIR/warped_labels.nii.gz, DIR/error_map.nii.gz when the result has them).
 
     Each file is written under a temporary name and renamed, so a failure leaves no partial file.
     """
@@ -234,6 +263,9 @@ def write_registration(out_dir, result: RegistrationResult, metrics: dict) -> li
     if result.warped_labels is not None:
         io.write_labels(result.warped_labels, out / "warped_labels.nii.gz")
         written.append(out / "warped_labels.nii.gz")
+    if result.error_map is not None:
+        io.write_volume(result.error_map, out / "error_map.nii.gz")
+        written.append(out / "error_map.nii.gz")
     m = dict(metrics)
     m["history"] = [{k: v for k, v in h.items()} for h in result.history][-2000:]
     m["timings"] = result.timings

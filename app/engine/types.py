@@ -342,6 +342,8 @@ class RegistrationResult:
         Seconds per stage and ``"total"``.
     stages : list of dict
         For a pipeline (``A+B``): one record per stage (paradigm, params, checkpoint, timings).
+    error_map : Volume or None
+        Estimated registration error (mm) at every fixed voxel (:mod:`app.engine.errormap`), when asked.
     """
 
     transform: Transform
@@ -355,6 +357,7 @@ class RegistrationResult:
     checkpoint_id: Optional[str] = None
     warped_labels: Optional[LabelMap] = None
     stages: list = dataclasses.field(default_factory=list)
+    error_map: Optional[Volume] = None
 
     def summary(self) -> dict[str, Any]:
         out = {"paradigm": self.paradigm, "params": self.params, "checkpoint": self.checkpoint_id,

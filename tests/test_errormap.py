@@ -1,0 +1,154 @@
+"""Error maps (inverse consistency, dissimilarity, TTA) and landmark-guided correction."""
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from app.engine import errormap as E
+from app.engine import guidance as G
+from app.engine import paradigms
+from app.engine.paradigms.base import param
+from app.engine.spatial import field_to_transform, resample, transform_to_field
+from app.engine.types import Landmarks, RegistrationResult, Transform, Volume
+
+
+def _grid(shape=(18, 20, 22)):
+    """An anisotropic, oblique grid with a smooth random image on it."""
+    rng = np.random.default_rng(3)
+    arr = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
+        sitk.GetImageFromArray(rng.random(shape).astype(np.float32)), 1.5)) * 100
+    d = np.asarray(sitk.VersorTransform((1, 2, 3), 0.4).GetMatrix()).reshape(3, 3)
+    return Volume(arr.astype(np.float32), (1.4, 0.9, 2.2), (-10.0, 5.0, 2.0), d)
+
+
+def _bump(grid: Volume, centre_idx_xyz, amp_mm, radius_mm=6.0) -> Volume:
+    """A Gaussian bump of displacement ``amp_mm`` (xyz) around a voxel, (z, y, x, 3) mm."""
+    zyx = np.indices(grid.shape).reshape(3, -1).T
+    pts = grid.index_to_physical(zyx[:, ::-1])
+    c = grid.index_to_physical([centre_idx_xyz])[0]
+    w = np.exp(-np.sum((pts - c) ** 2, 1) / (2 * radius_mm ** 2))
+    return grid.with_array((w[:, None] * np.asarray(amp_mm)[None]).reshape(*grid.shape, 3).astype(np.float32))
+
+
+def test_inverse_consistency_is_zero_for_exact_inverses_and_grows_at_an_injected_error():
+    grid = _grid((30, 34, 38))
+    shift = np.array([3.0, -2.0, 1.5])
+    forward = Transform(sitk.TranslationTransform(3, tuple(shift)))
+    exact = Transform(sitk.TranslationTransform(3, tuple(-shift)))
+    ic = E.inverse_consistency(forward, exact, grid)
+    assert ic.shape == grid.shape and ic.max() < 1e-4
+    # the reverse registration is wrong by a 4 mm bump: R(y) = y + bump(y) - shift, so
+    # R(T(x)) - x = bump(x + shift): large near the bump, ~0 elsewhere
+    wrong = exact.then(field_to_transform(_bump(grid, (11, 10, 9), (4.0, 0.0, 0.0), radius_mm=4.0)))
+    ic = E.inverse_consistency(forward, wrong, grid)
+    assert ic[9, 10, 11] > 2.0 and np.median(ic) < 0.1, (ic[9, 10, 11], np.median(ic))
+
+
+def test_local_dissimilarity_is_zero_for_identical_images_and_high_where_they_differ():
+    grid = _grid()
+    assert E.local_dissimilarity(grid, grid).max() < 1e-3
+    other = grid.array.copy()
+    other[5:10, 5:10, 5:10] = other[5:10, 5:10, 5:10][::-1, ::-1, ::-1]      # a scrambled cube
+    d = E.local_dissimilarity(grid, grid.with_array(other))
+    assert d[7, 7, 7] > 0.3 and d[15, 17, 19] < 1e-3
+    with pytest.raises(ValueError, match="share the grid"):
+        E.local_dissimilarity(grid, Volume(np.zeros((4, 4, 4), np.float32), (1, 1, 1)))
+
+
+@dataclass
+class _P:
+    inject: bool = param(True, "inject an error into the reverse direction")
+
+
+class KnownFieldRegistrar:
+    """Registers by knowing the truth: forward = T*, reverse = T*^-1 (+ an injected bump)."""
+
+    key: ClassVar[str] = "t_known"
+    Params: ClassVar[type] = _P
+    learned: ClassVar[bool] = False
+    description: ClassVar[str] = "test"
+    truth: ClassVar[Transform] = None
+    inverse: ClassVar[Transform] = None
+    fixed_grid: ClassVar[Volume] = None
+
+    def register(self, fixed, moving, params=None, *, initial=None, **kw):
+        forward = fixed is self.fixed_grid
+        t = self.truth if forward else self.inverse
+        if not forward and (params is None or params.inject):
+            t = t.then(field_to_transform(_bump(fixed, (11, 10, 9), (5.0, 0.0, 0.0))))
+        return RegistrationResult(t, resample(moving, fixed, t), paradigm=self.key)
+
+
+def test_estimate_error_map_end_to_end_with_a_known_answer(monkeypatch):
+    grid = _grid()
+    shift = (2.0, 1.0, -1.0)
+    KnownFieldRegistrar.truth = Transform(sitk.TranslationTransform(3, shift))
+    KnownFieldRegistrar.inverse = Transform(sitk.TranslationTransform(3, tuple(-s for s in shift)))
+    fixed = grid
+    moving = resample(grid, grid, KnownFieldRegistrar.inverse)          # moving(T*(x)) = fixed(x) inside
+    KnownFieldRegistrar.fixed_grid = fixed
+    monkeypatch.setitem(paradigms.REGISTRY, "t_known", f"{__name__}:KnownFieldRegistrar")
+    res = KnownFieldRegistrar().register(fixed, moving)
+    vol, info = E.estimate_error_map("t_known", fixed, moving, res, {"inject": "true"})
+    assert vol.shape == fixed.shape and vol.spacing == fixed.spacing
+    assert np.allclose(vol.direction, fixed.direction)
+    # the reverse bump sits at moving-grid voxel (11, 10, 9): the fixed point mapped there lies 2, 1, -1 mm off
+    assert vol.array.max() > 1.5 and info["error_map_method"] == "consistency"
+    assert info["error_map_p95_mm"] >= info["error_map_mean_mm"] > 0
+    clean, _ = E.estimate_error_map("t_known", fixed, moving, res, {"inject": "false"})
+    assert np.median(np.abs(clean.array - E.B_DISSIM * E.local_dissimilarity(fixed, res.warped))) < 1e-3
+    with pytest.raises(ValueError, match="consistency, tta"):
+        E.estimate_error_map("t_known", fixed, moving, res, method="nope")
+
+
+def test_guided_correction_moves_guides_onto_partners_and_leaves_far_points():
+    grid = _grid((30, 34, 38))
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((1.02, 0.03, 0.0, -0.02, 0.98, 0.01, 0.0, 0.02, 1.01))
+    affine.SetTranslation((2.0, -1.0, 0.5))
+    t = Transform(affine)
+    fpts = grid.index_to_physical(np.array([[10, 12, 8], [25, 20, 15], [14, 26, 20]], float))
+    mpts = t.transform_points(fpts) + np.array([[3.0, -2.0, 1.0], [-2.0, 2.5, 0.0], [1.0, 1.0, -3.0]])
+    corrected, field, info = G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts), sigma_mm=8.0)
+    assert info["guide_tre_before_mm"] > 2.0
+    assert info["guide_tre_after_mm"] < 0.5          # < 1 mm required; trilinear field sampling only
+    assert np.linalg.norm(corrected.transform_points(fpts) - mpts, axis=1).max() < 1.0
+    corners = grid.index_to_physical(np.array([[x, y, z] for x in (1, 36) for y in (1, 32) for z in (1, 28)], float))
+    dist = np.linalg.norm(corners[:, None] - fpts[None], axis=-1).min(1)
+    far = corners[dist > 4 * info["sigma_mm"]]                 # the correction has faded out there
+    assert len(far) >= 2
+    np.testing.assert_allclose(corrected.transform_points(far), t.transform_points(far), atol=0.02)
+    assert info["fold_fraction"] == 0.0 and field.shape == grid.shape
+    with pytest.raises(ValueError, match="matched"):
+        G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts[:2]))
+
+
+def test_cli_register_writes_an_error_map_and_honours_guides(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from tests.test_cli import blob_pair
+    root = Path(__file__).resolve().parents[1]
+    files = blob_pair(tmp_path)
+    fixed = sitk.ReadImage(str(files["fixed"]))
+    gf = [fixed.TransformContinuousIndexToPhysicalPoint((16.0, 14.0, 12.0)),
+          fixed.TransformContinuousIndexToPhysicalPoint((10.0, 10.0, 10.0))]
+    gm = [(p[0] + 3.0 + 2.0, p[1], p[2]) for p in gf]           # the 3 mm shift, and 2 mm more to honour
+    for name, pts in (("gf.csv", gf), ("gm.csv", gm)):
+        (tmp_path / name).write_text("x,y,z\n" + "".join(f"{p[0]},{p[1]},{p[2]}\n" for p in pts))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "main.py", "register", files["fixed"], files["moving"], "--paradigm",
+                        "iterative", "--param", "stages=rigid", "--param", "metric=mse", "--error-map",
+                        "--guide-fixed-landmarks", tmp_path / "gf.csv", "--guide-moving-landmarks", tmp_path / "gm.csv",
+                        "--out", out, "--no-progress"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["guidance"]["guide_tre_after_mm"] < 1.0 < m["guidance"]["guide_tre_before_mm"]
+    assert m["error_map_method"] == "consistency" and m["error_map_p95_mm"] >= m["error_map_mean_mm"] >= 0
+    em = sitk.ReadImage(str(out / "error_map.nii.gz"))
+    assert em.GetSize() == fixed.GetSize() and np.allclose(em.GetDirection(), fixed.GetDirection())
+    t = sitk.ReadTransform(str(out / "transform.h5"))
+    np.testing.assert_allclose(t.TransformPoint(gf[0]), gm[0], atol=1.0)
