@@ -4,7 +4,7 @@
     main.py evaluate --pairs PAIRS.csv --paradigm KEY --out DIR [options]
     main.py train --paradigm KEY --out FILE [--steps N] [--param NAME=VALUE ...]
     main.py info FILE
-    main.py convert INPUT OUTPUT
+    main.py convert INPUT OUTPUT [--dtype TYPE]
 
 Errors print one line (``error: ...``) on stderr and exit with status 1 (2 for usage errors);
 Ctrl+C cancels cleanly (status 130) without leaving partial files.
@@ -52,6 +52,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="paradigm parameter; STAGE.NAME=VALUE for one stage of a pipeline (its key or position)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--metrics", default="regstation", choices=("regstation", "learn2reg"),
+                   help="HD95 and SDlogJ definitions: regstation (HD95 over surface voxels as MONAI, std log J) "
+                        "or learn2reg (area-weighted surfel HD95 of the surface-distance package, std log(J+3))")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert an image between formats (NIfTI, NRRD, MHA, DICOM folder in)")
     c.add_argument("input")
     c.add_argument("output")
+    c.add_argument("--dtype", choices=("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"),
+                   help="output pixel type (default: keep the input's; integer types round and refuse overflow)")
     return ap
 
 
@@ -105,16 +110,23 @@ def _cmd_register(a) -> int:
     moving = io.read_volume(a.moving)
     fl = io.read_labels(a.fixed_labels, reference=fixed) if a.fixed_labels else None
     ml = io.read_labels(a.moving_labels) if a.moving_labels else None
-    fp = io.read_landmarks(a.fixed_landmarks) if a.fixed_landmarks else None
-    mp = io.read_landmarks(a.moving_landmarks) if a.moving_landmarks else None
-    gf = io.read_landmarks(a.guide_fixed_landmarks) if a.guide_fixed_landmarks else None
-    gm = io.read_landmarks(a.guide_moving_landmarks) if a.guide_moving_landmarks else None
+    if a.fixed_landmarks and a.moving_landmarks:   # read together: undefined points drop their pair
+        fp, mp = io.read_landmark_pair(a.fixed_landmarks, a.moving_landmarks)
+    else:
+        fp = io.read_landmarks(a.fixed_landmarks) if a.fixed_landmarks else None
+        mp = io.read_landmarks(a.moving_landmarks) if a.moving_landmarks else None
+    if a.guide_fixed_landmarks and a.guide_moving_landmarks:
+        gf, gm = io.read_landmark_pair(a.guide_fixed_landmarks, a.guide_moving_landmarks)
+    else:
+        gf = io.read_landmarks(a.guide_fixed_landmarks) if a.guide_fixed_landmarks else None
+        gm = io.read_landmarks(a.guide_moving_landmarks) if a.guide_moving_landmarks else None
     bar = _Bar(f"register [{a.paradigm}]", not a.no_progress)
     try:
         result, m = register_and_measure(a.paradigm, fixed, moving, params, fixed_labels=fl, moving_labels=ml,
                                          fixed_points=fp, moving_points=mp, checkpoint=a.checkpoint,
                                          device=a.device, progress=bar, cancel=_cancel_event(),
-                                         error_map=a.error_map, guide_fixed_points=gf, guide_moving_points=gm)
+                                         error_map=a.error_map, guide_fixed_points=gf, guide_moving_points=gm,
+                                         metric_style=a.metrics)
     finally:
         bar.close()
     write_registration(a.out, result, m)
@@ -157,7 +169,8 @@ def _cmd_evaluate(a) -> int:
 
     try:
         rows, summary = evaluate_pairs(pairs, a.paradigm, parse_param_args(a.param), checkpoint=a.checkpoint,
-                                       device=a.device, out_dir=a.out, cancel=_cancel_event(), on_pair=on_pair)
+                                       device=a.device, out_dir=a.out, cancel=_cancel_event(), on_pair=on_pair,
+                                       metric_style=a.metrics)
     finally:
         bar.close()
     _print_summary(summary)
@@ -231,8 +244,7 @@ def _cmd_info(a) -> int:
 
 def _cmd_convert(a) -> int:
     from .engine import io
-    v = io.read_volume(a.input)
-    io.write_volume(v, a.output)
+    v = io.convert_image(a.input, a.output, dtype=a.dtype)
     print(f"wrote {a.output}: {v.describe()}")
     return 0
 

@@ -179,3 +179,39 @@ def test_train_lists_its_options():
     assert "dice_labels" not in run("train", "--paradigm", "unsupervised", "--list-options").stdout
     r = run("train", "--paradigm", "iterative", "--list-options")
     assert r.returncode == 1 and "not trained" in r.stderr
+
+
+def test_register_learn2reg_metrics_and_undefined_landmarks(pair, tmp_path):
+    f = sitk.ReadImage(str(pair["fixed"]))
+    pts = [f.TransformContinuousIndexToPhysicalPoint(ijk) for ijk in ((16, 14, 12), (12, 14, 12), (20, 12, 10))]
+    moved = [f.TransformContinuousIndexToPhysicalPoint((i + 2, j, k)) for i, j, k in ((16, 14, 12), (12, 14, 12),
+                                                                                   (20, 12, 10))]
+
+    def markups(path, points, undefined=()):
+        cps = [{"label": f"P{i + 1}", "position": [0.0, 0.0, 0.0] if i in undefined else list(p),
+                "positionStatus": "undefined" if i in undefined else "defined"} for i, p in enumerate(points)]
+        path.write_text(json.dumps({"markups": [{"type": "Fiducial", "coordinateSystem": "LPS", "controlPoints": cps}]}))
+        return path
+
+    fl, ml = markups(tmp_path / "f.mrk.json", pts), markups(tmp_path / "m.mrk.json", moved, undefined=(1,))
+    out = tmp_path / "reg"
+    r = run("register", pair["fixed"], pair["moving"], "--paradigm", "iterative", "--out", out, "--metrics", "learn2reg",
+            "--fixed-labels", pair["fixed_labels"], "--moving-labels", pair["moving_labels"],
+            "--fixed-landmarks", fl, "--moving-landmarks", ml, *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "'P2'" in r.stderr and "undefined" in r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["metric_style"] == "learn2reg"
+    assert len(m["tre_per_point_mm"]) == 2 and m["tre_mean_mm"] < 1.5     # (0, 0, 0) would be ~100 mm off
+    assert m["hd95_mean"] is not None
+
+
+def test_convert_keeps_int16_and_converts_on_request(tmp_path):
+    from test_io import _oblique_volume, _write_dicom_series
+    _write_dicom_series(_oblique_volume(), tmp_path / "series")
+    r = run("convert", tmp_path / "series", tmp_path / "kept.nii.gz")
+    assert r.returncode == 0, r.stderr
+    assert sitk.ReadImage(str(tmp_path / "kept.nii.gz")).GetPixelID() == sitk.sitkInt16
+    r = run("convert", tmp_path / "series", tmp_path / "f.nii.gz", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert sitk.ReadImage(str(tmp_path / "f.nii.gz")).GetPixelID() == sitk.sitkFloat32

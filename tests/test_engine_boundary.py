@@ -26,6 +26,23 @@ def test_engine_imports_no_gui_modules():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "", f"engine imported GUI modules: {r.stdout.strip()}"
     assert len(mods) > 5
+    # the packages split out of io.py and metrics.py are walked module by module
+    for name in ("io.files", "io.images", "io.fields", "io.transforms", "io.landmarks", "io.manifests",
+                 "io.describe", "metrics.similarity", "metrics.overlap", "metrics.deformation", "metrics._surfels",
+                 "cards", "jsonsafe"):
+        assert f"app.engine.{name}" in mods, name
+
+
+def test_cards_and_io_do_not_import_torch():
+    """Listing bundled checkpoints and their cards (the GUI's checkpoint row) and reading files must
+    not pay for torch."""
+    code = ("import sys\n"
+            "import app.engine.cards as C, app.engine.io, app.engine.metrics, app.engine.jsonsafe\n"
+            "C.bundled_path('unsupervised'); C.card_paths('x.pt')\n"
+            "print('torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
 
 
 def test_registry_import_is_cheap():

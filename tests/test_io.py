@@ -580,3 +580,126 @@ def test_describe_file_kinds(tmp_path):
     np.testing.assert_allclose(d["translation"], [1.0, -2.0, 3.0])
     d = io.describe_file(tmp_path / "p.txt")
     assert d["kind"] == "landmarks" and d["count"] == 3
+
+
+# --------------------------------------------------------------------------- issue 8 fixes
+def _markups(path: Path, points: list[dict], system: str = "LPS") -> Path:
+    doc = {"markups": [{"type": "Fiducial", "coordinateSystem": system, "controlPoints": points}]}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _cp(label, pos, status="defined"):
+    cp = {"id": label, "label": label, "positionStatus": status}
+    if pos is not None:
+        cp["position"] = pos
+    return cp
+
+
+def test_undefined_markup_points_are_skipped_with_a_warning_naming_them(tmp_path):
+    # Slicer keeps a point that was never placed at (0, 0, 0) with positionStatus "undefined"
+    p = _markups(tmp_path / "f.mrk.json", [_cp("P1", [1.0, 2.0, 3.0]), _cp("P2", [0.0, 0.0, 0.0], "undefined"),
+                                           _cp("P3", [4.0, 5.0, 6.0]), _cp("P4", None)])
+    with pytest.warns(UserWarning, match=r"skipped 2 control point.*#2 'P2'.*#4 'P4'"):
+        lm = io.read_landmarks(p)
+    assert lm.names == ["P1", "P3"]
+    np.testing.assert_array_equal(lm.points, [[1, 2, 3], [4, 5, 6]])
+
+
+def test_landmark_pair_drops_undefined_points_on_both_sides_by_label(tmp_path):
+    fixed = _markups(tmp_path / "f.mrk.json", [_cp("A", [1, 0, 0]), _cp("B", [0, 0, 0], "undefined"),
+                                               _cp("C", [3, 0, 0]), _cp("D", [4, 0, 0])])
+    # the moving file lists the same labels in another order; C was never placed there
+    moving = _markups(tmp_path / "m.mrk.json", [_cp("D", [40, 0, 0]), _cp("C", [0, 0, 0], "undefined"),
+                                                _cp("B", [20, 0, 0]), _cp("A", [10, 0, 0])], system="RAS")
+    with pytest.warns(UserWarning, match=r"dropped 2 landmark pair.*by label.*'B'.*'C'"):
+        fp, mp = io.read_landmark_pair(fixed, moving)
+    assert fp.names == mp.names == ["A", "D"]
+    np.testing.assert_array_equal(fp.points, [[1, 0, 0], [4, 0, 0]])
+    np.testing.assert_array_equal(mp.points, [[-10, 0, 0], [-40, 0, 0]])   # RAS -> LPS
+
+
+def test_landmark_pair_matches_by_index_when_labels_differ(tmp_path):
+    fixed = _markups(tmp_path / "f.mrk.json", [_cp(f"F-{i}", [i, 0, 0]) for i in (1, 2, 3)])
+    moving = _markups(tmp_path / "m.mrk.json", [_cp("M-1", [10, 0, 0]), _cp("M-2", [0, 0, 0], "undefined"),
+                                                _cp("M-3", [30, 0, 0])])
+    with pytest.warns(UserWarning, match=r"by index.*undefined in .*m\.mrk\.json: #2 'M-2'"):
+        fp, mp = io.read_landmark_pair(fixed, moving)
+    np.testing.assert_array_equal(fp.points[:, 0], [1, 3])
+    np.testing.assert_array_equal(mp.points[:, 0], [10, 30])
+    io.write_landmarks(Landmarks([[1.0, 1, 1]], ["X"]), tmp_path / "one.csv")
+    with pytest.raises(LandmarkError, match="hold 3 and 1 points"):
+        io.read_landmark_pair(fixed, tmp_path / "one.csv")
+
+
+def test_pairs_csv_rows_keep_landmarks_matched(tmp_path):
+    from app.engine.evaluation import load_pair
+    vol = _oblique_volume()
+    io.write_volume(vol, tmp_path / "v.nii.gz")
+    _markups(tmp_path / "f.mrk.json", [_cp("A", [1, 0, 0]), _cp("B", [2, 0, 0])])
+    _markups(tmp_path / "m.mrk.json", [_cp("A", [1, 0, 0]), _cp("B", [0, 0, 0], "undefined")])
+    (tmp_path / "pairs.csv").write_text("fixed,moving,fixed_landmarks,moving_landmarks\n"
+                                        "v.nii.gz,v.nii.gz,f.mrk.json,m.mrk.json\n")
+    row = io.read_pairs_csv(tmp_path / "pairs.csv")[0]
+    with pytest.warns(UserWarning, match="'B'"):
+        data = load_pair(row)
+    assert data["fixed_points"].names == data["moving_points"].names == ["A"]
+
+
+def _nifti_with_nonfinite(path: Path, shape=(5, 6, 7), extra=()) -> np.ndarray:
+    a = np.random.default_rng(0).random(shape + tuple(extra)).astype(np.float32)
+    a[1, 2, 3] = np.nan
+    a[0, 0, 0] = np.inf
+    a[4, 5, 6] = -np.inf
+    nib.save(nib.Nifti1Image(a, np.diag([1.5, 1.0, 2.0, 1.0])), str(path))
+    return a
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_nifti_nan_and_inf_voxels_are_refused_like_other_formats(tmp_path, ext):
+    p = tmp_path / f"nan{ext}"
+    _nifti_with_nonfinite(p)
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(p)))).all()   # ITK hides them as 0
+    with pytest.raises(ImageReadError, match=r"contains 3 NaN/Inf voxel values \(of 210\)"):
+        io.read_volume(p)
+    with pytest.raises(ImageReadError, match="3 NaN/Inf"):
+        io.read_labels(p)
+    assert io.describe_file(p)["nonfinite_voxels"] == 3
+    # the same data as NRRD: refused with the same message (ITK keeps NaN there)
+    nrrd = tmp_path / "nan.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.transpose(_nifti_with_nonfinite(tmp_path / "x.nii"), (2, 1, 0))), str(nrrd))
+    with pytest.raises(ImageReadError, match=r"contains 3 NaN/Inf voxel values \(of 210\)"):
+        io.read_volume(nrrd)
+
+
+def test_nifti_field_with_nan_is_refused(tmp_path):
+    field = Volume(np.zeros((4, 5, 6, 3), np.float32), (1.0, 1.0, 1.0))
+    io.write_field(field, tmp_path / "f.nii.gz")
+    img = nib.load(str(tmp_path / "f.nii.gz"))
+    data = np.asanyarray(img.dataobj).copy()
+    data.reshape(-1)[7] = np.nan
+    nib.save(nib.Nifti1Image(data, None, img.header), str(tmp_path / "f.nii.gz"))
+    with pytest.raises(ImageReadError, match="1 NaN/Inf"):
+        io.read_field(tmp_path / "f.nii.gz")
+
+
+def test_integer_nifti_is_not_reread(tmp_path, monkeypatch):
+    io.write_volume(_oblique_volume(np.int16), tmp_path / "i.nii.gz")
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "get_unscaled",
+                        lambda self: (_ for _ in ()).throw(AssertionError("integer data read twice")))
+    assert io.read_volume(tmp_path / "i.nii.gz").array.dtype == np.float32
+
+
+def test_convert_keeps_the_dicom_pixel_type_unless_asked(tmp_path):
+    vol = _oblique_volume()
+    _write_dicom_series(vol, tmp_path / "series")
+    out = io.convert_image(tmp_path / "series", tmp_path / "kept.nii.gz")
+    back = sitk.ReadImage(str(tmp_path / "kept.nii.gz"))
+    assert back.GetPixelID() == sitk.sitkInt16 and out.array.dtype == np.int16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), vol.array)
+    _assert_same_geometry(vol, io.read_volume(tmp_path / "kept.nii.gz"))
+    io.convert_image(tmp_path / "series", tmp_path / "f.nrrd", dtype="float32")
+    assert sitk.ReadImage(str(tmp_path / "f.nrrd")).GetPixelID() == sitk.sitkFloat32
+    with pytest.raises(ValueError, match=r"outside the range of int8"):
+        io.convert_image(tmp_path / "series", tmp_path / "small.nii.gz", dtype="int8")
+    assert not (tmp_path / "small.nii.gz").exists()

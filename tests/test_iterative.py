@@ -193,15 +193,30 @@ def test_cancel_before_start_raises(fixed):
         IterativeRegistrar().register(fixed, fixed, fast_params(), cancel=cancel)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"linear_iterations": 0}, {"sampling_percentage": 0.0}, {"sampling_percentage": 1.5},
-    {"demons_sigma": -1.0}, {"bspline_mesh": 1}, {"stages": "warp"}, {"metric": "mi"},
-    {"deformable": "syn"}, {"levels": "4,0,1"}, {"levels": "four"}, {"deformable_levels": ""},
+@pytest.mark.parametrize("overrides, match", [
+    ({"linear_iterations": 0}, r"linear_iterations=0 is outside its range \[1, 5000\]"),
+    ({"sampling_percentage": 0.0}, r"sampling_percentage=0.0 is outside its range"),
+    ({"sampling_percentage": 1.5}, r"sampling_percentage=1.5 is outside its range"),
+    ({"demons_sigma": -1.0}, r"demons_sigma=-1.0 is outside its range"),
+    ({"bspline_mesh": 1}, r"bspline_mesh=1 is outside its range"),
+    ({"stages": "warp"}, r"stages='warp' is not one of"),
+    ({"metric": "mi"}, r"metric='mi' is not one of"),
+    ({"deformable": "syn"}, r"deformable='syn' is not one of"),
 ])
-def test_bad_params_raise_value_error(fixed, overrides):
+def test_bad_params_are_refused_when_made(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        paradigms.make_params(IterativeRegistrar.Params, overrides)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"levels": "4,0,1"}, r"\blevels must hold shrink factors between 1 and 32, got '4,0,1'"),
+    ({"levels": "four"}, r"\blevels must be comma-separated shrink factors"),
+    ({"deformable_levels": ""}, r"deformable_levels must hold shrink factors"),
+])
+def test_bad_level_lists_are_refused_by_register(fixed, overrides, match):
     reg = IterativeRegistrar()
-    with pytest.raises(ValueError):
-        p = paradigms.make_params(reg.Params, overrides)
+    p = paradigms.make_params(reg.Params, overrides)      # a string parameter: accepted here ...
+    with pytest.raises(ValueError, match=match):           # ... and refused before any work
         reg.register(fixed, fixed, p)
 
 

@@ -5,7 +5,8 @@ label map (mean ignores nothing: an absent label scores 0); HD95 in mm per label
 between ``T(fixed landmark)`` and the moving landmark (``T`` maps fixed points to moving points,
 so no inversion is needed); folding = fraction of fixed-grid voxels where the Jacobian determinant
 of the full transform is <= 0 and SDlogJ = std of log(det), both with a 2-voxel border crop as in
-Learn2Reg. "before" uses the identity transform in
+Learn2Reg. HD95 and SDlogJ follow ``metric_style`` ("regstation" by default, or "learn2reg"; see
+:func:`transform_metrics`). "before" uses the identity transform in
 physical space (the images as they lie in the scanner's world coordinates).
 """
 from __future__ import annotations
@@ -39,8 +40,12 @@ def transform_metrics(fixed: Volume, moving: Volume, transform: Transform, *,
                       field: Optional[Volume] = None, fixed_labels: Optional[LabelMap] = None,
                       moving_labels: Optional[LabelMap] = None, fixed_points: Optional[Landmarks] = None,
                       moving_points: Optional[Landmarks] = None, warped_labels: Optional[LabelMap] = None,
-                      with_hd95: bool = True) -> dict[str, Any]:
+                      with_hd95: bool = True, metric_style: str = "regstation") -> dict[str, Any]:
     """Evaluate one transform (fixed points -> moving points) on one pair.
+
+    ``metric_style`` picks the HD95 and SDlogJ definitions (:data:`app.engine.metrics.METRIC_STYLES`):
+    ``"regstation"`` (default) or ``"learn2reg"`` (as Learn2Reg's evaluation code; see
+    :func:`~app.engine.metrics.hd95_per_label` and :func:`~app.engine.metrics.jacobian_stats`).
 
     Returns a JSON-safe dict with ``dice_mean``, ``dice_per_label`` ({label id (str): Dice}),
     ``hd95_mean``, ``hd95_per_label``, ``tre_mean_mm``, ``tre_per_point_mm`` (and median/max),
@@ -55,7 +60,7 @@ def transform_metrics(fixed: Volume, moving: Volume, transform: Transform, *,
         out["dice_per_label"] = {str(int(k)): round(float(v), 6) for k, v in dice.items()}
         out["dice_mean"] = to_jsonable(float(M.summarize_dice(dice))) if dice else None
         if with_hd95:
-            hd = M.hd95_per_label(fl.array, wl.array, fixed.spacing)
+            hd = M.hd95_per_label(fl.array, wl.array, fixed.spacing, style=metric_style)
             out["hd95_per_label"] = {str(int(k)): to_jsonable(float(v)) for k, v in hd.items()}
             vals = [v for v in hd.values() if np.isfinite(v)]
             out["hd95_mean"] = float(np.mean(vals)) if vals else None
@@ -69,7 +74,7 @@ def transform_metrics(fixed: Volume, moving: Volume, transform: Transform, *,
         out.update(fold_fraction=0.0, sdlogj=0.0)
     else:
         fld = field if field is not None else transform_to_field(transform, fixed)
-        js = M.jacobian_stats(jacobian_map(fld).array, border=2)
+        js = M.jacobian_stats(jacobian_map(fld).array, border=2, style=metric_style)
         out.update(fold_fraction=float(js["fold_fraction"]), sdlogj=to_jsonable(float(js["sdlogj"])))
     return out
 
@@ -81,7 +86,8 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
                          cancel: Optional[threading.Event] = None,
                          with_hd95: bool = True, error_map: Optional[str] = None,
                          guide_fixed_points: Optional[Landmarks] = None,
-                         guide_moving_points: Optional[Landmarks] = None) -> tuple[RegistrationResult, dict[str, Any]]:
+                         guide_moving_points: Optional[Landmarks] = None, metric_style: str = "regstation"
+                         ) -> tuple[RegistrationResult, dict[str, Any]]:
     """Run paradigm or pipeline ``paradigm_key`` (``"A"`` or ``"A+B"``, :mod:`app.engine.pipeline`) on
     one pair and measure it before and after.
 
@@ -95,6 +101,8 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
     """
     if fixed_points is not None and moving_points is not None and len(fixed_points) != len(moving_points):
         raise ValueError(f"fixed and moving landmarks differ in count: {len(fixed_points)} vs {len(moving_points)}")
+    if metric_style not in M.METRIC_STYLES:
+        raise ValueError(f"metric_style must be one of {', '.join(M.METRIC_STYLES)}, got {metric_style!r}")
     from .pipeline import make_stage_params, register_pipeline, stages_of
     keys = stages_of(paradigm_key)
     stage_params = make_stage_params(keys, params)
@@ -123,7 +131,7 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
     if progress:
         progress(Progress("evaluate", message="measuring Dice, HD95, TRE, Jacobian", fraction=1.0))
     kw = dict(fixed_labels=fixed_labels, moving_labels=moving_labels, fixed_points=fixed_points,
-              moving_points=moving_points, with_hd95=with_hd95)
+              moving_points=moving_points, with_hd95=with_hd95, metric_style=metric_style)
     if moving_labels is not None and result.warped_labels is None:
         result.warped_labels = resample(moving_labels, fixed, result.transform, "nearest")
     after = transform_metrics(fixed, moving, result.transform, field=result.field,
@@ -137,6 +145,7 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
     m["checkpoint"] = result.checkpoint_id
     if len(keys) > 1:
         m["stages"] = [{k: s[k] for k in ("paradigm", "checkpoint", "timings")} for s in result.stages]
+    m["metric_style"] = metric_style
     m["before"] = before
     if guided is not None:
         m["guidance"] = guided
@@ -161,9 +170,13 @@ def load_pair(row: dict) -> dict:
         out["fixed_labels"] = io.read_labels(row["fixed_labels"], reference=fixed)
     if row.get("moving_labels"):
         out["moving_labels"] = io.read_labels(row["moving_labels"])
-    if row.get("fixed_landmarks"):
+    if row.get("fixed_landmarks") and row.get("moving_landmarks"):
+        # read together: a point undefined on one side drops its pair on both
+        out["fixed_points"], out["moving_points"] = io.read_landmark_pair(row["fixed_landmarks"],
+                                                                          row["moving_landmarks"])
+    elif row.get("fixed_landmarks"):
         out["fixed_points"] = io.read_landmarks(row["fixed_landmarks"])
-    if row.get("moving_landmarks"):
+    elif row.get("moving_landmarks"):
         out["moving_points"] = io.read_landmarks(row["moving_landmarks"])
     fp, mp = out["fixed_points"], out["moving_points"]
     if fp is not None and mp is not None and len(fp) != len(mp):
@@ -200,7 +213,8 @@ def summarize(rows: list[dict]) -> dict:
 def evaluate_pairs(pairs: list[dict], paradigm_key: str, params=None, *, checkpoint=None,
                    device: str = "auto", out_dir: str | os.PathLike | None = None,
                    progress: Optional[ProgressFn] = None, cancel: Optional[threading.Event] = None,
-                   on_pair: Optional[Callable[[int, dict], None]] = None) -> tuple[list[dict], dict]:
+                   on_pair: Optional[Callable[[int, dict], None]] = None,
+                   metric_style: str = "regstation") -> tuple[list[dict], dict]:
     """Register and measure every pair; optionally write results.csv/json and summary.json.
 
     ``pairs`` are PAIRS.csv rows (dicts of paths). Returns (rows, summary). Full per-pair metrics
@@ -213,14 +227,15 @@ def evaluate_pairs(pairs: list[dict], paradigm_key: str, params=None, *, checkpo
         _, m = register_and_measure(paradigm_key, data["fixed"], data["moving"], params, checkpoint=checkpoint,
                                     device=device, progress=progress, cancel=cancel,
                                     fixed_labels=data["fixed_labels"], moving_labels=data["moving_labels"],
-                                    fixed_points=data["fixed_points"], moving_points=data["moving_points"])
+                                    fixed_points=data["fixed_points"], moving_points=data["moving_points"],
+                                    metric_style=metric_style)
         flat = _flat_row(str(row["fixed"]), str(row["moving"]), m)
         rows.append(flat)
         full.append({"fixed": str(row["fixed"]), "moving": str(row["moving"]), **m})
         if on_pair:
             on_pair(i, flat)
     summary = summarize(rows)
-    summary.update(paradigm=paradigm_key, checkpoint=str(checkpoint) if checkpoint else None)
+    summary.update(paradigm=paradigm_key, checkpoint=str(checkpoint) if checkpoint else None, metric_style=metric_style)
     if out_dir is not None:
         write_evaluation(out_dir, rows, full, summary)
     return rows, summary

@@ -26,15 +26,15 @@ from .describe import describe_file
 from .fields import read_field, write_field
 from .files import (IMAGE_EXTS, LANDMARK_EXTS, TRANSFORM_EXTS, ImageReadError, LandmarkError, TransformIOError,
                     atomic_path)
-from .images import read_labels, read_volume, write_labels, write_volume
-from .landmarks import read_landmarks, write_landmarks
+from .images import CONVERT_DTYPES, convert_image, read_labels, read_volume, write_labels, write_volume
+from .landmarks import match_landmarks, read_landmark_pair, read_landmarks, write_landmarks
 from .manifests import read_pairs_csv
 from .transforms import read_transform, write_transform
 
 __all__ = [
     "ImageReadError", "LandmarkError", "TransformIOError", "atomic_path",
-    "read_volume", "write_volume", "read_labels", "write_labels",
+    "read_volume", "write_volume", "read_labels", "write_labels", "convert_image", "CONVERT_DTYPES",
     "read_field", "write_field", "read_transform", "write_transform",
-    "read_landmarks", "write_landmarks", "read_pairs_csv", "describe_file",
+    "read_landmarks", "read_landmark_pair", "match_landmarks", "write_landmarks", "read_pairs_csv", "describe_file",
     "IMAGE_EXTS", "TRANSFORM_EXTS", "LANDMARK_EXTS",
 ]

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from ..types import Landmarks, Transform
 
 from .files import TRANSFORM_EXTS, _ext
-from .images import _nifti_intent, _read_image
+from .images import _nifti_intent, _nifti_nonfinite, _read_image
 from .landmarks import _parse_elastix, read_landmarks
 from .transforms import _sniff_text, read_transform
 
@@ -114,6 +114,8 @@ def describe_file(path) -> dict:
         return d
     finite = np.isfinite(arr)
     d["nonfinite_voxels"] = int(arr.size - np.count_nonzero(finite))
+    if not d["nonfinite_voxels"] and ext in (".nii", ".nii.gz"):
+        d["nonfinite_voxels"] = _nifti_nonfinite(p)   # ITK read them as 0
     vals = arr[finite] if d["nonfinite_voxels"] else arr
     d["range"] = [float(vals.min()), float(vals.max())] if vals.size else None
     if _looks_like_labels(arr):

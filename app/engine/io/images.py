@@ -153,8 +153,28 @@ def _read_image(path) -> sitk.Image:
     return img
 
 
+def _nifti_nonfinite(p: Path) -> int:
+    """Number of NaN/Inf values stored in a float NIfTI file (0 for integer data).
+
+    ITK's NIfTI reader replaces NaN and Inf with 0 without a word, so the array SimpleITK returns
+    cannot show them; the raw data are read again with nibabel (only for float dtypes, whose
+    check costs one more read of the file).
+    """
+    import nibabel as nib
+    try:
+        img = nib.load(str(p))
+        if img.header.get_data_dtype().kind not in "fc":
+            return 0
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+    except Exception:  # unreadable for nibabel: ITK already read it, nothing more to learn
+        return 0
+    return int(raw.size - np.count_nonzero(np.isfinite(raw)))
+
+
 def _check_finite(arr: np.ndarray, p: Path) -> None:
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if not bad and p.is_file() and _ext(p) in (".nii", ".nii.gz"):
+        bad = _nifti_nonfinite(p)
     if bad:
         raise ImageReadError(f"{p} contains {bad} NaN/Inf voxel values (of {arr.size}); "
                              f"fix or mask them before registration")
@@ -217,6 +237,62 @@ def write_volume(vol: Volume, path) -> None:
     elif arr.dtype == np.float16:
         arr = arr.astype(np.float32)
     _write_sitk_image(vol.with_array(arr).to_sitk(), Path(path))
+
+
+CONVERT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+def convert_image(src, dst, dtype: Optional[str] = None) -> Volume:
+    """Convert a scalar image between formats (atomically), keeping its pixel type unless asked.
+
+    Parameters
+    ----------
+    src : str or PathLike
+        Anything :func:`read_volume` reads (NIfTI, NRRD, MetaImage, a DICOM series folder or file).
+    dst : str or PathLike
+        ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd``.
+    dtype : str, optional
+        One of :data:`CONVERT_DTYPES`. None (default) keeps the stored pixel type (an int16 DICOM
+        series stays int16, not float32 at twice the size). An integer type rounds to the nearest
+        integer and refuses values outside its range.
+
+    Returns
+    -------
+    Volume
+        What was written: ``(z, y, x)`` array in the output dtype, geometry as stored (LPS mm).
+
+    Raises
+    ------
+    ImageReadError
+        Everything :func:`read_volume` refuses (vector images, NaN/Inf voxels included).
+    ValueError
+        Unknown ``dtype``, values that do not fit it, or an unsupported output extension.
+    """
+    p = Path(src)
+    if dtype is not None and dtype not in CONVERT_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(CONVERT_DTYPES)}")
+    img = _read_image(p)
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    if ncomp != 1:
+        raise ImageReadError(f"{p} is a vector image ({ncomp} components per voxel); convert reads scalar "
+                             f"3D volumes")
+    vol = Volume.from_sitk(img, p.name)
+    arr = vol.array
+    if arr.dtype.kind in "fc":
+        _check_finite(arr, p)
+    if dtype is not None and np.dtype(dtype) != arr.dtype:
+        target = np.dtype(dtype)
+        if target.kind in "iu":
+            info = np.iinfo(target)
+            rounded = np.rint(arr) if arr.dtype.kind == "f" else arr
+            lo, hi = (rounded.min(), rounded.max()) if arr.size else (0, 0)
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"{p} holds values {lo}..{hi}, outside the range of {dtype} "
+                                 f"({info.min}..{info.max}); pick a wider --dtype")
+            arr = rounded
+        vol = vol.with_array(arr.astype(target))
+    write_volume(vol, dst)
+    return vol
 
 
 def read_labels(path, reference: Optional[Volume] = None) -> LabelMap:

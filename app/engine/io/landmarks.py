@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +36,10 @@ def _fmt(x) -> str:
     return repr(float(x))
 
 
-def _read_markups_json(p: Path) -> Landmarks:
+def _read_markups_json(p: Path) -> tuple[np.ndarray, list[str]]:
+    """Points ``(N, 3)`` LPS mm and names of every control point, in file order; a point Slicer marks
+    ``"positionStatus": "undefined"`` (placed in the list but never put down), or one without a
+    position, is a row of NaN so that callers can drop it and still match the others by index."""
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -54,13 +58,16 @@ def _read_markups_json(p: Path) -> Landmarks:
         if units != "mm":
             raise LandmarkError(f"{p}: coordinateUnits {units!r}; millimetres ('mm') are expected")
         for i, cp in enumerate(m.get("controlPoints") or []):
+            names.append(str(cp.get("label") or cp.get("id") or len(names) + 1))
             pos = cp.get("position")
+            if str(cp.get("positionStatus", "defined")).lower() == "undefined" or pos is None:
+                pts.append(np.full(3, np.nan))
+                continue
             if not isinstance(pos, list) or len(pos) != 3:
                 raise LandmarkError(f"{p}: control point {i + 1} has no 3D position")
             xyz = np.array([_num(v, p, f"control point {i + 1}") for v in pos])
             pts.append(xyz * _RAS_TO_LPS if system == "RAS" else xyz)
-            names.append(str(cp.get("label") or cp.get("id") or len(names) + 1))
-    return Landmarks(np.array(pts).reshape(-1, 3), names)
+    return np.array(pts, float).reshape(-1, 3), names
 
 
 def _write_markups_json(lm: Landmarks, tmp: Path) -> None:
@@ -195,8 +202,51 @@ def _write_elastix(lm: Landmarks, tmp: Path) -> None:
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _read_raw(path, reference: Optional[Volume]) -> tuple[np.ndarray, list[str]]:
+    """All points of a landmark file in file order, ``(N, 3)`` LPS mm; undefined points are NaN rows."""
+    p = Path(path)
+    if not p.is_file():
+        raise LandmarkError(f"{p}: no such file")
+    if p.stat().st_size == 0:
+        raise LandmarkError(f"{p} is empty (0 bytes)")
+    ext = _ext(p)
+    try:
+        if ext in (".mrk.json", ".json"):
+            return _read_markups_json(p)
+        lm = None
+        if ext == ".fcsv":
+            lm = _read_fcsv(p)
+        elif ext == ".csv":
+            lm = _read_points_csv(p)
+        elif ext in (".txt", ".pts"):
+            lm = _read_elastix(p, reference)
+        if lm is not None:
+            return lm.points, list(lm.names)
+    except UnicodeDecodeError:
+        raise LandmarkError(f"{p} is not a text file") from None
+    except ValueError as e:
+        if isinstance(e, LandmarkError):
+            raise
+        raise LandmarkError(f"{p}: {e}") from e
+    raise LandmarkError(f"{p}: unsupported landmark extension '{ext}'; use .mrk.json, .fcsv, .csv, .txt or .pts")
+
+
+def _undefined(pts: np.ndarray) -> np.ndarray:
+    return ~np.all(np.isfinite(pts), axis=1)
+
+
+def _describe_points(idx, names: list[str]) -> str:
+    shown = [f"#{i + 1} '{names[i]}'" for i in idx[:10]]
+    return ", ".join(shown) + (f" and {len(idx) - 10} more" if len(idx) > 10 else "")
+
+
 def read_landmarks(path, reference: Optional[Volume] = None) -> Landmarks:
     """Read landmarks as LPS millimetres.
+
+    Slicer control points whose ``positionStatus`` is ``"undefined"`` (or that have no position)
+    are skipped with a :class:`UserWarning` naming them (index in the file, from 1, and label):
+    Slicer stores them at (0, 0, 0), which is not a landmark. To keep two files' points matched
+    when either has such points, read them together with :func:`read_landmark_pair`.
 
     Parameters
     ----------
@@ -218,28 +268,103 @@ def read_landmarks(path, reference: Optional[Volume] = None) -> Landmarks:
     LandmarkError
         Missing, empty or malformed file, unsupported coordinate system, ``index`` without reference.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise LandmarkError(f"{p}: no such file")
-    if p.stat().st_size == 0:
-        raise LandmarkError(f"{p} is empty (0 bytes)")
-    ext = _ext(p)
-    try:
-        if ext in (".mrk.json", ".json"):
-            return _read_markups_json(p)
-        if ext == ".fcsv":
-            return _read_fcsv(p)
-        if ext == ".csv":
-            return _read_points_csv(p)
-        if ext in (".txt", ".pts"):
-            return _read_elastix(p, reference)
-    except UnicodeDecodeError:
-        raise LandmarkError(f"{p} is not a text file") from None
-    except ValueError as e:
-        if isinstance(e, LandmarkError):
-            raise
-        raise LandmarkError(f"{p}: {e}") from e
-    raise LandmarkError(f"{p}: unsupported landmark extension '{ext}'; use .mrk.json, .fcsv, .csv, .txt or .pts")
+    pts, names = _read_raw(path, reference)
+    bad = np.flatnonzero(_undefined(pts))
+    if bad.size:
+        warnings.warn(f"{Path(path)}: skipped {bad.size} control point(s) with an undefined position "
+                      f"(positionStatus 'undefined'): {_describe_points(bad, names)}", stacklevel=2)
+    keep = ~_undefined(pts)
+    return Landmarks(pts[keep], [n for n, k in zip(names, keep) if k])
+
+
+def match_landmarks(fixed_points: np.ndarray, fixed_names: list[str], moving_points: np.ndarray,
+                    moving_names: list[str], *, fixed_source: str = "fixed",
+                    moving_source: str = "moving") -> tuple[Landmarks, Landmarks]:
+    """Pair fixed and moving landmarks and drop every pair with an undefined point on either side.
+
+    Points are matched by label when each side's labels are unique and both sides hold the same
+    set of labels (the fixed file's order is kept), otherwise by index (the counts must be equal).
+    A pair is dropped, with one :class:`UserWarning` naming the dropped points, when either of its
+    points is undefined (a NaN row, see :func:`read_landmark_pair`).
+
+    Parameters
+    ----------
+    fixed_points, moving_points : (N, 3), (M, 3) float arrays
+        LPS mm; NaN rows mark undefined points.
+    fixed_names, moving_names : list of str
+        One label per point.
+    fixed_source, moving_source : str
+        How to name the two sides in messages (e.g. their file paths).
+
+    Returns
+    -------
+    (Landmarks, Landmarks)
+        Matched fixed and moving landmarks of equal length; point ``i`` of one corresponds to
+        point ``i`` of the other.
+
+    Raises
+    ------
+    LandmarkError
+        The points can be matched neither by label nor by index (different counts).
+    """
+    fp = np.asarray(fixed_points, float).reshape(-1, 3)
+    mp = np.asarray(moving_points, float).reshape(-1, 3)
+    fn, mn = [str(n) for n in fixed_names], [str(n) for n in moving_names]
+    if len(fn) != len(fp) or len(mn) != len(mp):
+        raise ValueError(f"{len(fn)} names for {len(fp)} fixed points or {len(mn)} for {len(mp)} moving points")
+    if len(set(fn)) == len(fn) and len(set(mn)) == len(mn) and set(fn) == set(mn):
+        where = {n: i for i, n in enumerate(mn)}
+        mi = np.array([where[n] for n in fn], dtype=int)
+        how = "label"
+    elif len(fp) == len(mp):
+        mi = np.arange(len(mp))
+        how = "index"
+    else:
+        raise LandmarkError(f"{fixed_source} and {moving_source} hold {len(fp)} and {len(mp)} points whose labels do not "
+                            f"match one to one; corresponding landmarks need equal counts or the same labels")
+    mp, mn = mp[mi].reshape(-1, 3), [mn[i] for i in mi]
+    bad_f, bad_m = _undefined(fp), _undefined(mp)
+    drop = bad_f | bad_m
+    if drop.any():
+        parts = []
+        if bad_f.any():
+            parts.append(f"undefined in {fixed_source}: {_describe_points(np.flatnonzero(bad_f), fn)}")
+        if bad_m.any():
+            parts.append(f"undefined in {moving_source}: {_describe_points(np.flatnonzero(bad_m), mn)}")
+        warnings.warn(f"dropped {int(drop.sum())} landmark pair(s) (matched by {how}) with an undefined point: "
+                      f"{'; '.join(parts)}", stacklevel=2)
+    keep = ~drop
+    return (Landmarks(fp[keep], [n for n, k in zip(fn, keep) if k]),
+            Landmarks(mp[keep], [n for n, k in zip(mn, keep) if k]))
+
+
+def read_landmark_pair(fixed_path, moving_path, fixed_reference: Optional[Volume] = None,
+                       moving_reference: Optional[Volume] = None) -> tuple[Landmarks, Landmarks]:
+    """Read corresponding fixed and moving landmark files, matched (:func:`match_landmarks`).
+
+    A point that is undefined in either file (Slicer ``"positionStatus": "undefined"``) drops its
+    pair on both sides, with a warning naming it, so the remaining points stay matched.
+
+    Parameters
+    ----------
+    fixed_path, moving_path : str or PathLike
+        Any format :func:`read_landmarks` reads.
+    fixed_reference, moving_reference : Volume, optional
+        The images that elastix ``index`` files refer to.
+
+    Returns
+    -------
+    (Landmarks, Landmarks)
+        Equal-length fixed and moving landmarks, LPS mm; point ``i`` corresponds to point ``i``.
+
+    Raises
+    ------
+    LandmarkError
+        A bad file (as :func:`read_landmarks`), or points that cannot be matched.
+    """
+    fp, fn = _read_raw(fixed_path, fixed_reference)
+    mp, mn = _read_raw(moving_path, moving_reference)
+    return match_landmarks(fp, fn, mp, mn, fixed_source=str(fixed_path), moving_source=str(moving_path))
 
 
 def write_landmarks(lm: Landmarks, path) -> None:

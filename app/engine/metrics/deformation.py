@@ -85,8 +85,15 @@ def jacobian_determinant(field_zyx3, spacing, direction=None) -> np.ndarray:
             + jac[..., 0, 2] * (jac[..., 1, 0] * jac[..., 2, 1] - jac[..., 1, 1] * jac[..., 2, 0]))
 
 
-def jacobian_stats(jac_det, mask=None, border: int = 0) -> dict:
+def jacobian_stats(jac_det, mask=None, border: int = 0, style: str = "regstation") -> dict:
     """Summary statistics of a Jacobian determinant map (Learn2Reg style).
+
+    Two definitions of SDlogJ are offered. ``style="regstation"`` (default, what RegStation's
+    tables report): ``std(log(clip(det, 1e-9, 1e9)))``, the standard deviation of the log
+    Jacobian determinant itself. ``style="learn2reg"``: ``std(log(clip(det + 3, 1e-9, 1e9)))``, as
+    Learn2Reg's evaluation code computes it (it adds 3 inside the log, which compresses the
+    spread: the same field reads several times lower). Both are population standard deviations
+    (NumPy's default) over the voxels left after ``border`` and ``mask``.
 
     Parameters
     ----------
@@ -103,9 +110,12 @@ def jacobian_stats(jac_det, mask=None, border: int = 0) -> dict:
     dict
         ``fold_fraction``: fraction of voxels with ``det <= 0``;
         ``sdlogj``: std of ``log(clip(det, 1e-9, 1e9))`` over all voxels (folded voxels
-        enter clipped at 1e-9, as in Learn2Reg);
+        enter clipped at 1e-9, as in Learn2Reg); with ``style="learn2reg"`` the std of
+        ``log(clip(det + 3, 1e-9, 1e9))``;
         ``jac_min``, ``jac_max``: extremes of ``det``.
     """
+    if style not in ("regstation", "learn2reg"):
+        raise ValueError(f"style must be 'regstation' or 'learn2reg', got {style!r}")
     j = np.asarray(jac_det, dtype=np.float64)
     if mask is not None:
         mask = np.asarray(mask)
@@ -123,5 +133,5 @@ def jacobian_stats(jac_det, mask=None, border: int = 0) -> dict:
         raise ValueError(f"no voxel left for Jacobian statistics (shape {j.shape}, "
                          f"border {border}, mask selects none)")
     return {"fold_fraction": float(np.mean(v <= 0)),
-            "sdlogj": float(np.std(np.log(np.clip(v, 1e-9, 1e9)))),
+            "sdlogj": float(np.std(np.log(np.clip(v + (3.0 if style == "learn2reg" else 0.0), 1e-9, 1e9)))),
             "jac_min": float(v.min()), "jac_max": float(v.max())}

@@ -4,7 +4,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from ._surfels import ENCODE_KERNEL, surfel_area_table
 from ._validate import _spacing_zyx
+
+# The two published definitions of HD95 and SDlogJ that evaluate / register can report.
+METRIC_STYLES = ("regstation", "learn2reg")
 
 
 def _label_maps(fixed_labels, warped_labels):
@@ -116,6 +120,27 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
+def _label_boxes(fixed_labels, warped_labels, labels, grow: int):
+    """Yield ``(label, fixed mask, warped mask)`` per label on the bounding box of the label's union
+    in both maps (grown by ``grow`` voxels, clipped to the array); masks are None where the label is
+    missing from either map."""
+    ids, fi, wi = _compact(fixed_labels, warped_labels, labels)
+    if fi is not None and fi.ndim != 3:
+        raise ValueError(f"label maps must be 3D (z, y, x), got shape {fi.shape}")
+    if ids.size == 0:
+        return
+    boxes_f = ndimage.find_objects(fi, max_label=ids.size)
+    boxes_w = ndimage.find_objects(wi, max_label=ids.size)
+    for k, label in enumerate(ids, start=1):
+        bf, bw = boxes_f[k - 1], boxes_w[k - 1]
+        if bf is None or bw is None:
+            yield int(label), None, None
+            continue
+        box = tuple(slice(max(min(sf.start, sw.start) - grow, 0), min(max(sf.stop, sw.stop) + grow, n))
+                    for sf, sw, n in zip(bf, bw, fi.shape))
+        yield int(label), fi[box] == k, wi[box] == k
+
+
 def _directed_surface_distances(fixed_labels, warped_labels, spacing, labels):
     """Per label, the surface distances (mm) fixed->warped and warped->fixed.
 
@@ -125,37 +150,83 @@ def _directed_surface_distances(fixed_labels, warped_labels, spacing, labels):
     is missing from either map.
     """
     sampling = _spacing_zyx(spacing)
-    ids, fi, wi = _compact(fixed_labels, warped_labels, labels)
-    if fi is not None and fi.ndim != 3:
-        raise ValueError(f"label maps must be 3D (z, y, x), got shape {fi.shape}")
     out = {}
-    if ids.size == 0:
-        return out
-    boxes_f = ndimage.find_objects(fi, max_label=ids.size)
-    boxes_w = ndimage.find_objects(wi, max_label=ids.size)
-    for k, label in enumerate(ids, start=1):
-        bf, bw = boxes_f[k - 1], boxes_w[k - 1]
-        if bf is None or bw is None:
-            out[int(label)] = None
+    for label, mf, mw in _label_boxes(fixed_labels, warped_labels, labels, grow=1):
+        if mf is None:
+            out[label] = None
             continue
-        box = tuple(slice(max(min(sf.start, sw.start) - 1, 0), min(max(sf.stop, sw.stop) + 1, n))
-                    for sf, sw, n in zip(bf, bw, fi.shape))
-        sf_ = _surface(fi[box] == k)
-        sw_ = _surface(wi[box] == k)
+        sf_, sw_ = _surface(mf), _surface(mw)
         d_to_w = ndimage.distance_transform_edt(~sw_, sampling=sampling)
         d_to_f = ndimage.distance_transform_edt(~sf_, sampling=sampling)
-        out[int(label)] = (d_to_w[sf_], d_to_f[sw_])
+        out[label] = (d_to_w[sf_], d_to_f[sw_])
     return out
 
 
-def hd95_per_label(fixed_labels, warped_labels, spacing, labels=None,
-                   percentile: float = 95.0) -> dict[int, float]:
-    """Robust Hausdorff distance (mm) per label.
+def _surfel_distances(fixed_labels, warped_labels, spacing, labels):
+    """Per label, DeepMind's ``compute_surface_distances``: ``(d_fw, area_f, d_wf, area_w)``.
 
-    Surfaces are the mask voxels with a face neighbour outside the mask. The result is
-    the MONAI / Learn2Reg convention: ``max(P95(d(F->W)), P95(d(W->F)))``, the larger of
-    the two directed 95th percentiles of surface-to-surface distances (not the percentile
-    of the pooled set).
+    Surface elements are the marching-cubes triangles of each 2x2x2 cell of voxel centres that
+    holds both inside and outside voxels; they sit on the grid of voxel *corners* (half a voxel
+    off the voxel centres). ``d_fw`` are the distances (mm) from the fixed surfels to the nearest
+    warped surfel (Euclidean distance transform on the corner grid), ``area_f`` the fixed surfel
+    areas (mm^2); likewise warped -> fixed. Each direction is sorted by distance. ``None`` where the
+    label is missing from either map.
+    """
+    sampling = _spacing_zyx(spacing)
+    areas = surfel_area_table(sampling)
+    out = {}
+    for label, mf, mw in _label_boxes(fixed_labels, warped_labels, labels, grow=0):
+        if mf is None:
+            out[label] = None
+            continue
+        codes, borders = [], []
+        for m in (mf, mw):
+            # one zero layer after the box: corner i lies between voxels i-1 and i (the kernel's
+            # origin is its last element), so corners 0..n see the outside on both ends
+            padded = np.zeros(tuple(n + 1 for n in m.shape), np.uint8)
+            padded[:-1, :-1, :-1] = m
+            code = ndimage.correlate(padded, ENCODE_KERNEL, mode="constant", cval=0)
+            codes.append(code)
+            borders.append((code != 0) & (code != 255))
+        d_to_f = ndimage.distance_transform_edt(~borders[0], sampling=sampling)
+        d_to_w = ndimage.distance_transform_edt(~borders[1], sampling=sampling)
+        res = []
+        for dist, code, border in ((d_to_w, codes[0], borders[0]), (d_to_f, codes[1], borders[1])):
+            d, a = dist[border], areas[code[border]]
+            order = np.lexsort((a, d))          # by distance, then area (as the reference sorts)
+            res += [d[order], a[order]]
+        out[label] = tuple(res)
+    return out
+
+
+def _area_percentile(d: np.ndarray, a: np.ndarray, percentile: float) -> float:
+    """DeepMind's ``compute_robust_hausdorff`` for one direction: the smallest sorted distance at
+    which the cumulative surfel area reaches ``percentile`` % of the total (no interpolation)."""
+    cum = np.cumsum(a) / np.sum(a)
+    idx = int(np.searchsorted(cum, percentile / 100.0))
+    return float(d[min(idx, d.size - 1)])
+
+
+def hd95_per_label(fixed_labels, warped_labels, spacing, labels=None,
+                   percentile: float = 95.0, style: str = "regstation") -> dict[int, float]:
+    """Robust Hausdorff distance (mm) per label, in one of two published definitions.
+
+    ``style="regstation"`` (the default, what RegStation's tables report; equal to MONAI's
+    ``compute_hausdorff_distance(..., percentile=95, directed=False)``): the surface of a mask is
+    its voxels with a face neighbour (6-connectivity) outside the mask, the array border counting
+    as outside; distances are Euclidean between voxel *centres* (in mm, with the spacing); each
+    surface voxel counts once; the result is ``max(P95(d(F->W)), P95(d(W->F)))``, the larger of the
+    two directed 95th percentiles with NumPy's linear interpolation (not the percentile of the pooled
+    set).
+
+    ``style="learn2reg"`` (Learn2Reg's evaluation code, which calls DeepMind's surface-distance
+    package: ``compute_robust_hausdorff(compute_surface_distances(F, W, spacing), 95)``): surfaces
+    are marching-cubes surface elements on the grid of voxel corners, each weighted by its area in
+    mm^2; per direction the distance is the smallest sorted surfel distance at which the
+    cumulative area reaches 95 % (no interpolation); the result is the larger of the two
+    directions. Reimplemented here (NumPy/SciPy) and checked against the package. On brain labels
+    at 2 mm it reads about 0.5-0.7 mm lower than the default. One difference from Learn2Reg's
+    script: a label absent from the warped map gives NaN here, as in the default style.
 
     Parameters
     ----------
@@ -168,6 +239,8 @@ def hd95_per_label(fixed_labels, warped_labels, spacing, labels=None,
     percentile : float
         Percentile in ``[0, 100]``; 100 gives the classic (maximum) Hausdorff distance
         between the surfaces.
+    style : {"regstation", "learn2reg"}
+        Which definition (see above).
 
     Returns
     -------
@@ -177,7 +250,14 @@ def hd95_per_label(fixed_labels, warped_labels, spacing, labels=None,
     """
     if not 0.0 <= float(percentile) <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+    if style not in METRIC_STYLES:
+        raise ValueError(f"style must be one of {', '.join(METRIC_STYLES)}, got {style!r}")
     res = {}
+    if style == "learn2reg":
+        for label, d in _surfel_distances(fixed_labels, warped_labels, spacing, labels).items():
+            res[label] = float("nan") if d is None else max(_area_percentile(d[0], d[1], percentile),
+                                                            _area_percentile(d[2], d[3], percentile))
+        return res
     for label, d in _directed_surface_distances(fixed_labels, warped_labels, spacing,
                                                 labels).items():
         if d is None:
