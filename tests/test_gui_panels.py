@@ -217,6 +217,34 @@ def test_exception_becomes_failed_message(qtbot, fake_paradigms, mode, expect):
     _wait_idle(qtbot)
 
 
+def test_progress_covers_the_metrics_stage_resets_on_cancel_and_loss_is_per_stage(qtbot, fake_paradigms):
+    from app.engine.types import Progress as P
+    from app.widgets.registration_panel import REGISTRATION_SHARE, normalise_curve
+    panel, _ = _panel(qtbot)
+    assert normalise_curve([10.0, 5.0, 0.0]) == [1.0, 0.5, 0.0] and normalise_curve([3.0, 3.0]) == [0.5, 0.5]
+    panel._on_worker_progress(P("affine", 10, 10, fraction=1.0))
+    assert panel.progress_bar.value() == int(REGISTRATION_SHARE * 1000)      # not full before the metrics
+    panel._on_worker_progress(P("evaluate", message="measuring", fraction=1.0))
+    assert panel.progress_bar.maximum() == 0                                  # busy during the metrics
+    # a cancelled run leaves an empty bar
+    panel.set_params(FakeParams(iterations=5000, delay_s=0.01))
+    panel.run()
+    qtbot.waitUntil(lambda: panel.progress_bar.value() > 0, timeout=10000)
+    with qtbot.waitSignal(panel.run_cancelled, timeout=10000):
+        panel.cancel()
+    assert panel.progress_bar.value() == 0 and panel.progress_bar.maximum() == 1000
+    # the loss plot is cleared between runs and each stage is drawn on its own 0-1 scale
+    panel.set_params(FakeParams(iterations=7))
+    with qtbot.waitSignal(panel.run_finished, timeout=20000):
+        panel.run()
+    xs, ys = panel.loss_curve_data()
+    assert len(xs) == 7 and ys[0] == pytest.approx(1.0) and ys[-1] == pytest.approx(1 / 7)
+    (item, _, _), = panel._curves.values()
+    drawn = item.getData()[1]
+    assert drawn.min() == pytest.approx(0.0) and drawn.max() == pytest.approx(1.0)
+    _wait_idle(qtbot)
+
+
 def test_run_without_images_is_a_message(qtbot, fake_paradigms):
     panel, _ = _panel(qtbot, inputs={"fixed": None, "moving": None})
     with qtbot.waitSignal(panel.run_failed, timeout=1000) as sig:

@@ -384,7 +384,7 @@ def _fake_result(state) -> RegistrationResult:
 @gui
 @pytest.mark.parametrize("setting", [
     {"mode": "blend", "opacity": 0.6}, {"mode": "checkerboard", "checker_mm": 16.0}, {"mode": "difference"},
-    {"mode": "flicker"}, {"contours_fixed": True}, {"contours_warped": True}, {"grid": True, "grid_every_vox": 5},
+    {"mode": "flicker", "flicker_ms": 60000}, {"contours_fixed": True}, {"contours_warped": True}, {"grid": True, "grid_every_vox": 5},
     {"jacobian": True}])
 def test_each_overlay_changes_the_rendered_image(fresh, qapp, setting):
     w = fresh

@@ -129,3 +129,87 @@ def test_layers_unload_from_the_menu(win, qtbot):
     assert w.cursor_label.text() == "no image loaded"
     for v in w.slice_views.values():
         v.flush()
+
+
+# ----------------------------------------------------------------------------- layout and feedback
+def test_window_fits_a_1366x768_screen_whatever_the_paradigm(win, qtbot):
+    from PySide6.QtWidgets import QApplication
+    w = win
+    w.fit_to_screen()
+    avail = QApplication.primaryScreen().availableGeometry()
+    assert w.width() <= avail.width() and w.height() <= avail.height()
+    size = w.size()
+    p = w.registration_panel
+    for key in p._keys():
+        p.set_paradigm(key)
+        qtbot.wait(20)
+        hint = w.minimumSizeHint()
+        # room for a 1366 x 768 laptop (title bar and task bar take ~70 px)
+        assert hint.width() <= 1366 and hint.height() <= 768 - 70, (key, hint)
+        assert w.size() == size, f"the window grew for {key}: {w.size()}"
+    # the Run button stays on screen: the panel scrolls only below its minimum height
+    run = p.run_button
+    top_left = run.mapTo(w, run.rect().topLeft())
+    assert 0 <= top_left.y() and top_left.y() + run.height() <= w.height()
+
+
+def test_quitting_during_a_run_asks_first(win, qtbot, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+    w = win
+    w.confirm_close = True
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.No)
+    w.registration_panel.run_started.emit()
+    w.close()
+    assert asked and "registration is running" in asked[0] and w.isVisible()
+    w.registration_panel.run_cancelled.emit()
+    w.confirm_close = False
+    w.close()
+    assert not w.isVisible()
+
+
+def test_dialogs_start_next_to_the_data_and_open_shows_dicom(win, files, tmp_path):
+    from app.widgets import main_window
+    w = win
+    assert w.data_dir() == str(files["fixed"].parent.resolve())
+    assert w.landmark_panel.data_dir() == w.data_dir() == w.metrics_panel.data_dir()
+    assert "*.dcm" in main_window.IMAGE_FILTER.split(";;")[0]
+    w.session_path = tmp_path / "sessions" / "s.json"
+    assert w.data_dir() == str(tmp_path / "sessions")
+
+
+def test_sessions_keep_each_runs_recipe_and_stay_small(win, tmp_path, qtbot):
+    from app.engine import io, spatial
+    w = win
+    fixed = w.state.fixed
+    rng = np.random.default_rng(0)
+    from scipy.ndimage import gaussian_filter
+    a = np.stack([gaussian_filter(rng.normal(0, 8, fixed.array.shape), 3) for _ in range(3)], -1)
+    img = sitk.GetImageFromArray(a, isVector=True)
+    img.CopyInformation(fixed.to_sitk())
+    t = Transform(sitk.DisplacementFieldTransform(img), "displacement")
+    for i in range(3):
+        res = RegistrationResult(t, spatial.resample(w.state.moving, fixed, t), paradigm="unsupervised",
+                                 params={"diffeomorphic": bool(i % 2), "steps": 7}, checkpoint_id=f"ck{i}.pt",
+                                 device="cpu")
+        w.registration_panel.run_finished.emit(res, {"dice_mean": 0.5 + i / 10})
+    path = tmp_path / "s.json"
+    w.save_session(path)
+    run_files = sorted((tmp_path / "s_runs").iterdir())
+    assert [p.name for p in run_files] == ["run1.npz", "run2.npz", "run3.npz"]
+    io.write_transform(t, tmp_path / "itk.h5")
+    assert sum(p.stat().st_size for p in run_files) < (tmp_path / "itk.h5").stat().st_size
+    from app.widgets.main_window import MainWindow
+    w2 = MainWindow(confirm_close=False, autosave_dir=tmp_path / "a2")
+    qtbot.addWidget(w2)
+    assert w2.open_session(path)
+    assert [r["result"].paradigm for r in w2.runs] == ["unsupervised"] * 3
+    assert w2.runs[1]["result"].params == {"diffeomorphic": True, "steps": 7}
+    assert w2.runs[2]["result"].checkpoint_id == "ck2.pt"
+    pts = fixed.index_to_physical([[3, 4, 5], [10, 8, 2]])
+    np.testing.assert_allclose(w2.runs[0]["result"].transform.transform_points(pts), t.transform_points(pts), atol=0.02)
+    # saving again with fewer runs leaves no stale run files behind
+    w.clear_runs()
+    w.save_session(path)
+    assert not list((tmp_path / "s_runs").glob("run*"))
+    w2.close()

@@ -76,6 +76,7 @@ class LandmarkPanel(QWidget):
         self._autosave_path: Optional[Path] = None
         self._filling = False
         self.autosave_error: Optional[str] = None
+        self.data_dir = lambda: ""     # where file dialogs start (the window points it next to the data)
 
         self.pick_fixed_button = QPushButton("Place in Fixed")
         self.pick_moving_button = QPushButton("Place in Moving")
@@ -477,7 +478,7 @@ class LandmarkPanel(QWidget):
             self.point_selected.emit(np.asarray(pt, float).copy())
 
     def _on_import(self, which: str) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, f"Import {which} landmarks", "", FILE_FILTER)
+        path, _ = QFileDialog.getOpenFileName(self, f"Import {which} landmarks", self.data_dir(), FILE_FILTER)
         if not path:
             return
         try:
@@ -487,7 +488,8 @@ class LandmarkPanel(QWidget):
             self.summary_label.setText(f"Could not read {Path(path).name}: {e}")
 
     def _on_export(self, which: str) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, f"Export {which} landmarks", f"{which}.mrk.json", EXPORT_FILTER)
+        path, _ = QFileDialog.getSaveFileName(self, f"Export {which} landmarks",
+                                              str(Path(self.data_dir()) / f"{which}.mrk.json"), EXPORT_FILTER)
         if not path:
             return
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PySide6.QtCore import QStandardPaths, Qt, QTimer
+from PySide6.QtCore import QEvent, QStandardPaths, Qt, QTimer
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -38,7 +38,8 @@ from .slice_view import SliceView
 from .view3d import View3D
 from .viewer_state import ViewerState
 
-IMAGE_FILTER = "Images (*.nii *.nii.gz *.nrrd *.nhdr *.mha *.mhd);;All files (*)"
+IMAGE_FILTER = ("Images (*.nii *.nii.gz *.nrrd *.nhdr *.mha *.mhd *.dcm *.DCM *.ima *.IMA);;"
+                "DICOM (*.dcm *.DCM *.ima *.IMA);;All files (*)")
 ROLE_TITLES = {"fixed": "fixed image", "moving": "moving image", "fixed_labels": "fixed labels",
                "moving_labels": "moving labels"}
 
@@ -49,6 +50,41 @@ def read_layer(role: str, path, reference: Optional[Volume] = None) -> Volume:
     if role.endswith("labels"):
         return io.read_labels(str(path), reference=reference)
     return io.read_volume(str(path))
+
+
+class FitScrollArea(QScrollArea):
+    """A vertical scroll area that gives its widget the whole viewport and scrolls only when the
+    viewport is shorter than the widget's minimum size (QScrollArea's resizable mode sizes a
+    widget with word-wrapped labels to its preferred height and scrolls the Run button away)."""
+
+    def __init__(self, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.setWidgetResizable(False)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.setFrameShape(QScrollArea.NoFrame)
+
+    def setWidget(self, widget: QWidget) -> None:
+        super().setWidget(widget)
+        widget.installEventFilter(self)
+        self._fit()
+
+    def eventFilter(self, obj, event) -> bool:
+        if obj is self.widget() and event.type() == QEvent.LayoutRequest:
+            QTimer.singleShot(0, self._fit)
+        return super().eventFilter(obj, event)
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._fit()
+
+    def _fit(self) -> None:
+        w = self.widget()
+        if w is None:
+            return
+        vp = self.viewport().size()
+        h = max(vp.height(), w.minimumSizeHint().height())
+        if w.size().width() != vp.width() or w.size().height() != h:
+            w.resize(vp.width(), h)
 
 
 class MainWindow(QMainWindow):
@@ -102,7 +138,7 @@ class MainWindow(QMainWindow):
             v.image_changed.connect(lambda v=v: self.view3d.set_slice_image(v.orientation, v.vtk_image, v.plane))
 
         self.overlay_panel = OverlayPanel(self.state)
-        self._add_dock("Overlays", self.overlay_panel, Qt.LeftDockWidgetArea, scroll=True)
+        self._overlay_dock = self._add_dock("Overlays", self.overlay_panel, Qt.LeftDockWidgetArea, scroll=True)
         self._build_part_b_docks()
         self._build_actions()
         self._build_menus()
@@ -120,18 +156,26 @@ class MainWindow(QMainWindow):
         ev.layers.connect(self._on_layers_change)
         ev.overlay.connect(self._on_overlay_change)
         ev.interaction.connect(self._on_interaction_change)
-        self.resize(1400, 900)
+        self.fit_to_screen()
 
     # ------------------------------------------------------------------ construction
+    def fit_to_screen(self, width: int = 1400, height: int = 900) -> None:
+        """Resize to ``width`` x ``height`` or the screen's available area, whichever is smaller
+        (a 1366 x 768 laptop gets the whole screen, never more)."""
+        screen = self.screen() or QApplication.primaryScreen()
+        if screen is not None:
+            avail = screen.availableGeometry()
+            # the frame (title bar, borders) comes on top of the client size
+            width, height = min(width, avail.width() - 16), min(height, avail.height() - 40)
+        self.resize(max(width, 640), max(height, 480))
+
     def _add_dock(self, title: str, widget: QWidget, area, scroll: bool = False) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(title.replace(" ", "_"))
         if scroll:
-            sa = QScrollArea()
-            sa.setWidgetResizable(True)
-            sa.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+            sa = FitScrollArea()
             sa.setWidget(widget)
-            sa.setMinimumWidth(widget.sizeHint().width() + sa.verticalScrollBar().sizeHint().width() + 4)
+            sa.setMinimumWidth(min(widget.sizeHint().width(), 400) + sa.verticalScrollBar().sizeHint().width() + 4)
             widget = sa
         dock.setWidget(widget)
         self.addDockWidget(area, dock)
@@ -140,6 +184,7 @@ class MainWindow(QMainWindow):
     def _build_part_b_docks(self) -> None:
         """Registration, landmark and metrics panels (imported lazily; missing ones get a note)."""
         self.registration_panel = self.landmark_panel = self.metrics_panel = None
+        self._landmark_dock = self._metrics_dock = None
         self._part_b_missing: list[str] = []
         right = Qt.RightDockWidgetArea
         docks = []
@@ -152,7 +197,7 @@ class MainWindow(QMainWindow):
             p.run_finished.connect(self._on_run_finished)
             p.run_failed.connect(self._on_run_failed)
             p.run_cancelled.connect(self._on_run_cancelled)
-            docks.append(self._add_dock("Registration", p, right))
+            docks.append(self._add_dock("Registration", p, right, scroll=True))
         except ImportError as e:
             self._part_b_missing.append(f"registration panel ({e.name or e})")
         lower = []
@@ -168,27 +213,35 @@ class MainWindow(QMainWindow):
                 QTimer.singleShot(0, lambda: self.statusBar().showMessage(
                     f"Landmarks autosaved by an earlier session were kept in {kept}", 15000))
             lp.set_autosave_path(session_io.landmarks_autosave_path(self))
+            lp.data_dir = self.data_dir
             lower.append(self._add_dock("Landmarks", lp, right))
+            self._landmark_dock = lower[-1]
         except ImportError as e:
             self._part_b_missing.append(f"landmark panel ({e.name or e})")
         try:
             from .metrics_panel import MetricsPanel
             self.metrics_panel = MetricsPanel()
             self.metrics_panel.run_selected.connect(self.select_run)
+            self.metrics_panel.data_dir = self.data_dir
             lower.append(self._add_dock("Metrics", self.metrics_panel, right))
+            self._metrics_dock = lower[-1]
         except ImportError as e:
             self._part_b_missing.append(f"metrics panel ({e.name or e})")
-        if len(lower) == 2:
-            self.tabifyDockWidget(lower[0], lower[1])
-            lower[0].raise_()
+        # one tab group on the right: each panel gets the full height (tables need room to be
+        # read on a 768-pixel screen); a finished run raises Metrics, picking raises Landmarks
         docks += lower
+        for d in docks[1:]:
+            self.tabifyDockWidget(docks[0], d)
+        if docks:
+            docks[0].raise_()
         if self._part_b_missing:
             note = QLabel("Not available in this build:\n" + "\n".join(self._part_b_missing))
             note.setWordWrap(True)
             note.setAlignment(Qt.AlignTop | Qt.AlignLeft)
             docks.append(self._add_dock("Unavailable", note, right))
         if docks:
-            self.resizeDocks(docks[:1], [340], Qt.Horizontal)
+            # the views get what the panels leave: overlays ~290 px on the left, panels ~410 on the right
+            self.resizeDocks([self._overlay_dock, docks[0]], [290, 410], Qt.Horizontal)
 
     def _build_actions(self) -> None:
         def act(text, slot, shortcut=None, checkable=False, tip=None):
@@ -475,7 +528,7 @@ class MainWindow(QMainWindow):
         return True
 
     def _ask_open(self, role: str) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, f"Open {ROLE_TITLES[role]}", "", IMAGE_FILTER)
+        path, _ = QFileDialog.getOpenFileName(self, f"Open {ROLE_TITLES[role]}", self.data_dir(), IMAGE_FILTER)
         if path:
             self.load_layer(role, path)
 
@@ -528,6 +581,8 @@ class MainWindow(QMainWindow):
     def _on_run_finished(self, result, metrics) -> None:
         self._run_ended()
         self.add_run(result, metrics or {})
+        if self._metrics_dock is not None:
+            self._metrics_dock.raise_()
         self.statusBar().showMessage("Registration finished", 5000)
 
     def add_run(self, result, metrics: dict, name: str | None = None) -> None:
@@ -596,6 +651,8 @@ class MainWindow(QMainWindow):
             self._apply_interaction("cursor", None)
 
     def _apply_interaction(self, mode: str, target: str | None) -> None:
+        if mode == "pick" and self._landmark_dock is not None:
+            self._landmark_dock.raise_()
         # picking on the moving image shows the moving image; the overlay comes back afterwards
         if mode == "pick" and target == "moving":
             if self._pick_restore is None:
@@ -669,6 +726,16 @@ class MainWindow(QMainWindow):
         self.view3d.reset_camera()
 
     # ------------------------------------------------------------------ saving
+    def data_dir(self) -> str:
+        """Where file dialogs start: next to the session, else next to the fixed (or moving)
+        image, else the home folder."""
+        if self.session_path is not None:
+            return str(Path(self.session_path).parent)
+        for role in ("fixed", "moving", "fixed_labels", "moving_labels"):
+            if role in self.state.paths:
+                return str(Path(self.state.paths[role]).parent)
+        return str(Path.home())
+
     def save_results(self, folder) -> list[Path]:
         """Write the current run into ``folder`` (see :func:`app.widgets.session.save_results`)."""
         written = session_io.save_results(self, folder)
@@ -679,7 +746,7 @@ class MainWindow(QMainWindow):
         if self.state.result is None:
             self.show_error("Nothing to save", "Run a registration first: there is no result to save yet.")
             return
-        folder = QFileDialog.getExistingDirectory(self, "Save results into folder")
+        folder = QFileDialog.getExistingDirectory(self, "Save results into folder", self.data_dir())
         if folder:
             try:
                 written = self.save_results(folder)
@@ -713,14 +780,15 @@ class MainWindow(QMainWindow):
         return True
 
     def _ask_open_session(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open session", "", "RegStation session (*.json)")
+        path, _ = QFileDialog.getOpenFileName(self, "Open session", self.data_dir(), "RegStation session (*.json)")
         if path:
             self.open_session(path)
 
     def _ask_save_session(self, force_ask: bool = False) -> None:
         path = self.session_path
         if path is None or force_ask:
-            p, _ = QFileDialog.getSaveFileName(self, "Save session", "session.json", "RegStation session (*.json)")
+            p, _ = QFileDialog.getSaveFileName(self, "Save session", str(Path(self.data_dir()) / "session.json"),
+                                               "RegStation session (*.json)")
             if not p:
                 return
             path = Path(p)
@@ -759,6 +827,13 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ closing
     def closeEvent(self, event) -> None:
+        if self.confirm_close and self._running:
+            ans = QMessageBox.question(self, "Registration running",
+                                       "A registration is running. Cancel it and quit?",
+                                       QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+            if ans != QMessageBox.Yes:
+                event.ignore()
+                return
         if self.confirm_close and self.unsaved_results:
             ans = QMessageBox.question(self, "Unsaved results",
                                        "The registration results are not saved. Quit anyway?",

@@ -150,6 +150,7 @@ class MetricsPanel(QWidget):
         super().__init__(parent)
         self._runs: list[dict[str, Any]] = []
         self.label_names: dict[str, str] = {}
+        self.data_dir = lambda: ""     # where file dialogs start (the window points it next to the data)
 
         self.history = QListWidget()
         self.history.setSelectionMode(QAbstractItemView.SingleSelection)
@@ -452,7 +453,8 @@ class MetricsPanel(QWidget):
     @Slot()
     def _on_export(self) -> None:
         name = ["summary", "per_label", "compare"][self.tabs.currentIndex()]
-        path, _ = QFileDialog.getSaveFileName(self, "Export metrics", f"metrics_{name}.csv", "CSV (*.csv)")
+        path, _ = QFileDialog.getSaveFileName(self, "Export metrics", str(Path(self.data_dir()) / f"metrics_{name}.csv"),
+                                              "CSV (*.csv)")
         if not path:
             return
         try:

@@ -143,11 +143,15 @@ class ParamsForm(QWidget):
             ed.valueChanged.connect(self._on_edit)
         elif choices:
             ed = QComboBox()
+            # a long choice must not widen the dock (and the window) when the paradigm changes
+            ed.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            ed.setMinimumContentsLength(8)
             for c in choices:
                 ed.addItem(str(c), c)
             ed.currentIndexChanged.connect(self._on_edit)
         else:
             ed = QLineEdit()
+            ed.setMinimumWidth(60)
             ed.textEdited.connect(self._on_edit)
         return ed
 

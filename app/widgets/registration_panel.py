@@ -37,6 +37,7 @@ from .params_form import ParamsForm
 _CURVE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 _NO_LOSS_STAGES = ("done", "evaluate", "load", "resample")
 _ERROR_STYLE = "color: #b00020;"
+REGISTRATION_SHARE = 0.9      # of the progress bar; the metrics stage fills the rest
 
 
 _BUNDLED_DIR = cards.CHECKPOINT_DIR  # app.engine.cards does not import torch: the panel opens fast
@@ -81,6 +82,18 @@ def _probe_checkpoints(key: str, chosen: Optional[str]) -> dict:
 def _probe_cuda() -> bool:
     import torch
     return bool(torch.cuda.is_available())
+
+
+def normalise_curve(ys: list[float]) -> list[float]:
+    """A stage's losses scaled to [0, 1] by its own range (stages differ by orders of magnitude:
+    a demons stage next to a Mattes MI stage would otherwise be a flat line); a constant curve
+    is drawn at 0.5."""
+    if not ys:
+        return []
+    lo, hi = min(ys), max(ys)
+    if not hi > lo:
+        return [0.5] * len(ys)
+    return [(y - lo) / (hi - lo) for y in ys]
 
 
 def format_card(card: dict, max_chars: int = 4000) -> str:
@@ -185,6 +198,7 @@ class RegistrationPanel(QWidget):
         self.params_scroll = QScrollArea()
         self.params_scroll.setWidgetResizable(True)
         self.params_scroll.setFrameShape(QScrollArea.NoFrame)
+        self.params_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         self.params_scroll.setMinimumHeight(120)
         self.defaults_button = QPushButton("Defaults")
         self.defaults_button.setToolTip("Reset every parameter of this paradigm to its default")
@@ -219,7 +233,7 @@ class RegistrationPanel(QWidget):
         self.loss_plot = pg_.PlotWidget()
         self.loss_plot.setBackground("w")
         self.loss_plot.setMinimumHeight(130)
-        self.loss_plot.setLabel("left", "loss")
+        self.loss_plot.setLabel("left", "loss (each stage scaled 0-1)")
         self.loss_plot.setLabel("bottom", "iteration (all stages)")
         self.loss_plot.showGrid(x=True, y=True, alpha=0.25)
         self.loss_plot.setMouseEnabled(x=False, y=False)
@@ -570,9 +584,13 @@ class RegistrationPanel(QWidget):
         frac = p.fraction
         if frac is None and p.total:
             frac = p.iteration / p.total
-        if frac is not None and math.isfinite(frac):
+        if p.stage == "evaluate":
+            # the metrics stage (Dice, HD95, TRE, Jacobian) reports no fraction: a busy bar
+            # after the registration's share, until the run ends
+            self.progress_bar.setRange(0, 0)
+        elif frac is not None and math.isfinite(frac):
             self.progress_bar.setRange(0, 1000)
-            self.progress_bar.setValue(int(round(1000 * min(max(frac, 0.0), 1.0))))
+            self.progress_bar.setValue(int(round(REGISTRATION_SHARE * 1000 * min(max(frac, 0.0), 1.0))))
         text = str(p.stage)
         if p.total:
             text += f" · iteration {p.iteration}/{p.total}"
@@ -591,6 +609,7 @@ class RegistrationPanel(QWidget):
         if not self._curves:     # a learned model: one network pass, no optimisation to plot
             self.loss_plot.setTitle('<span style="color:#666">one network pass: no loss curve</span>', size="9pt")
         secs = self._run_ended()
+        self.progress_bar.setRange(0, 1000)
         self.progress_bar.setValue(1000)
         dev = (metrics or {}).get("device") or getattr(result, "device", "?")
         rt = (metrics or {}).get("runtime_s")
@@ -604,6 +623,7 @@ class RegistrationPanel(QWidget):
     def _on_worker_failed(self, message: str) -> None:
         self._update_loss_plot()
         self._run_ended()
+        self._reset_progress()
         self.stage_label.setText("Failed")
         self._show_status(message, error=True)
         self.run_failed.emit(message)
@@ -612,9 +632,14 @@ class RegistrationPanel(QWidget):
     def _on_worker_cancelled(self) -> None:
         self._update_loss_plot()
         self._run_ended()
+        self._reset_progress()
         self.stage_label.setText("Cancelled")
         self._show_status("Cancelled; nothing was changed")
         self.run_cancelled.emit()
+
+    def _reset_progress(self) -> None:
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setValue(0)
 
     def _run_ended(self) -> float:
         secs = self._clock.elapsed() / 1000.0 if self._clock.isValid() else 0.0
@@ -662,7 +687,7 @@ class RegistrationPanel(QWidget):
             touched.add(stage)
         for stage in touched:
             item, xs, ys = self._curves[stage]
-            item.setData(xs, ys)
+            item.setData(xs, normalise_curve(ys))
 
     def _update_plot_title(self) -> None:
         # stage names in their curve colours above the plot: a legend would cover the curves

@@ -82,22 +82,28 @@ def session_dict(win: "MainWindow", path: Path) -> dict:
 
 
 def save_session(win: "MainWindow", path) -> Path:
-    """Write the session JSON (and the runs' transforms beside it)."""
-    from app.engine import io
+    """Write the session JSON (and the runs' transforms beside it, compactly: see
+    :mod:`app.viewer.transform_store`). Each run keeps its paradigm, parameters and checkpoint."""
+    from app.viewer.transform_store import write_transform_compact
     path = Path(path)
     d = session_dict(win, path)
     run_dir = path.with_name(path.stem + "_runs")
+    written = set()
     for i, run in enumerate(win.runs):
         res = run["result"]
         if res is None:
             d["runs"].append({"name": run["name"], "transform": None, "summary": {}, "metrics": run["metrics"]})
             continue
-        tfile = run_dir / f"run{i + 1}.h5"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        io.write_transform(res.transform, tfile)
+        tfile = run_dir / f"run{i + 1}.npz"
+        write_transform_compact(res.transform, tfile)
+        written.add(tfile.name)
         d["runs"].append({"name": run["name"], "transform": _rel(str(tfile), path.parent),
                           "summary": res.summary(), "metrics": run["metrics"]})
     _write_json_atomic(d, path)
+    if run_dir.is_dir():        # transforms of runs this session no longer has
+        for old in run_dir.glob("run*.*"):
+            if old.name not in written and old.suffix in (".npz", ".h5"):
+                old.unlink()
     return path
 
 
@@ -153,12 +159,14 @@ def _restore_runs(win: "MainWindow", d: dict, base: Path) -> None:
         return
     from app.engine import io, spatial
     from app.engine.types import RegistrationResult
+    from app.viewer.transform_store import read_transform_compact
     failed = []
     for r in d["runs"]:
         try:
             if not r.get("transform"):
                 raise ValueError("no transform was saved for this run")
-            t = io.read_transform(str(_abs(r["transform"], base)))
+            tpath = _abs(r["transform"], base)
+            t = read_transform_compact(tpath) if tpath.suffix == ".npz" else io.read_transform(str(tpath))
             s = r.get("summary", {})
             res = RegistrationResult(transform=t, warped=spatial.resample(st.moving, st.fixed, t),
                                      timings=s.get("timings", {}), device=s.get("device", "cpu"),
