@@ -220,11 +220,14 @@ def _cmd_train(a) -> int:
 def _print_options(cls, indent: str = "") -> None:
     """One line per option of a parameter dataclass: name = default, range / choices, help."""
     import dataclasses
+
+    from .engine.paradigms.base import format_number_list
     for f in dataclasses.fields(cls):
         md = f.metadata
         extra = f" range {md['range']}" if "range" in md else ""
         extra += f" choices {'/'.join(map(str, md['choices']))}" if "choices" in md else ""
-        print(f"{indent}{f.name} = {f.default!r}{extra}  {md.get('help', '')}")
+        default = format_number_list(f.default) if isinstance(f.default, tuple) else repr(f.default)
+        print(f"{indent}{f.name} = {default}{extra}  {md.get('help', '')}")
 
 
 def _cmd_info(a) -> int:

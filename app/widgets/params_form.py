@@ -2,7 +2,8 @@
 
 Each dataclass field becomes one editor: ``int`` -> QSpinBox, ``float`` -> QDoubleSpinBox
 (limited to the field's ``range`` metadata), ``bool`` -> QCheckBox, ``str`` with ``choices`` ->
-QComboBox, other ``str`` -> QLineEdit. The field's ``help`` metadata is the tooltip.
+QComboBox, other ``str`` and tuples of numbers (shown as ``4,2,1``) -> QLineEdit. The field's
+``help`` metadata is the tooltip.
 """
 from __future__ import annotations
 
@@ -205,6 +206,9 @@ class ParamsForm(QWidget):
                         ed.addItem(str(v), v)
                         i = ed.count() - 1
                     ed.setCurrentIndex(i)
+                elif isinstance(v, (tuple, list)):
+                    from app.engine.paradigms.base import format_number_list
+                    ed.setText(format_number_list(v))       # a tuple field: "4,2,1", parsed back by values()
                 else:
                     ed.setText(str(v))
             finally:

@@ -17,13 +17,59 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, name: str) -> int:
     return a.dim() - 2
 
 
-def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of two images (B, C, [D,] H, W) of the same shape."""
+def _check_mask(mask: torch.Tensor | None, a: torch.Tensor, name: str) -> None:
+    if mask is None:
+        return
+    if mask.dim() != a.dim() or mask.shape[2:] != a.shape[2:] or mask.shape[1] not in (1, a.shape[1]) \
+            or mask.shape[0] not in (1, a.shape[0]):
+        raise ValueError(f"{name}: mask must be (B or 1, 1 or C, *spatial) for images {tuple(a.shape)}, "
+                         f"got {tuple(mask.shape)}")
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``x``, weighted by ``mask`` (broadcast) when given."""
+    if mask is None:
+        return torch.mean(x)
+    w = mask.to(x.dtype).expand_as(x)
+    return (x * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference of two images (B, C, [D,] H, W) of the same shape.
+
+    ``mask`` (B or 1, 1, *spatial), optional: voxel weights in [0, 1] (a weighted mean).
+    """
     _check_pair(a, b, "mse")
-    return torch.mean((a - b) ** 2)
+    _check_mask(mask, a, "mse")
+    return _masked_mean((a - b) ** 2, mask)
 
 
-def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """Negative global normalised cross-correlation (Pearson's r) of each batch element, averaged.
+
+    The loss is ``-r`` in [-1, 1] (-1: ``b`` is an increasing affine function of ``a``).
+
+    Parameters
+    ----------
+    a, b : torch.Tensor (B, C, [D,] H, W)
+    mask : torch.Tensor (B or 1, 1, *spatial), optional: voxel weights in [0, 1].
+    """
+    _check_pair(a, b, "ncc")
+    _check_mask(mask, a, "ncc")
+    bsz = a.shape[0]
+    fa, fb = a.reshape(bsz, -1), b.reshape(bsz, -1)
+    w = (torch.ones_like(fa) if mask is None
+         else mask.to(a.dtype).expand_as(a).reshape(bsz, -1))
+    wsum = w.sum(1, keepdim=True).clamp_min(1e-12)
+    da = fa - (w * fa).sum(1, keepdim=True) / wsum
+    db = fb - (w * fb).sum(1, keepdim=True) / wsum
+    cov = (w * da * db).sum(1)
+    r = cov / torch.sqrt((w * da * da).sum(1) * (w * db * db).sum(1) + eps)
+    return -r.mean()
+
+
+def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
     """Negative mean local (squared) normalised cross-correlation, as in VoxelMorph.
 
     For every voxel, ``cc = cov(a, b)**2 / (var(a) var(b) + eps)`` over a cubic ``window`` (voxels,
@@ -33,8 +79,11 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -
     ----------
     a, b : torch.Tensor (B, 1, [D,] H, W)
     window : odd int >= 1
+    mask : torch.Tensor (B or 1, 1, [D,] H, W), optional
+        Voxel weights in [0, 1]: the loss is the weighted mean of the local ``cc`` map.
     """
     nd = _check_pair(a, b, "lncc")
+    _check_mask(mask, a, "lncc")
     if window < 1 or window % 2 == 0:
         raise ValueError(f"lncc window must be an odd number >= 1, got {window}")
     pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
@@ -49,11 +98,12 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -
     var_a = (mean(a * a) - mu_a * mu_a).clamp_min(0)
     var_b = (mean(b * b) - mu_b * mu_b).clamp_min(0)
     cc = cross * cross / (var_a * var_b + eps)
-    return -torch.mean(cc)
+    return -_masked_mean(cc, mask)
 
 
 def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32, sigma_ratio: float = 0.5,
-                       value_range: tuple[float, float] = (0.0, 1.0), max_samples: int | None = 65536) -> torch.Tensor:
+                       value_range: tuple[float, float] = (0.0, 1.0), max_samples: int | None = 65536,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """Negative mutual information (nats) with Gaussian Parzen windows (differentiable).
 
     Parameters
@@ -62,21 +112,25 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32, sigma_r
     bins : number of histogram bins per image.
     sigma_ratio : Parzen window width as a fraction of the bin spacing.
     max_samples : voxels used per batch element (a fixed, evenly strided subset) to bound memory.
+    mask : (B or 1, 1, *spatial), optional: voxel weights in [0, 1] of the joint histogram.
 
     Returns
     -------
     Scalar ``-MI`` averaged over the batch (MI >= 0, so the loss is <= 0).
     """
     _check_pair(a, b, "mutual_information")
+    _check_mask(mask, a, "mutual_information")
     if bins < 2:
         raise ValueError(f"mutual_information needs at least 2 bins, got {bins}")
     lo, hi = value_range
     bsz = a.shape[0]
     fa = a.reshape(bsz, -1)
     fb = b.reshape(bsz, -1)
+    fw = None if mask is None else mask.to(a.dtype).expand_as(a).reshape(bsz, -1)
     if max_samples is not None and fa.shape[1] > max_samples:
         stride = fa.shape[1] // max_samples
         fa, fb = fa[:, ::stride], fb[:, ::stride]
+        fw = None if fw is None else fw[:, ::stride]
     centres = torch.linspace(lo, hi, bins, dtype=a.dtype, device=a.device)
     sigma = sigma_ratio * (hi - lo) / (bins - 1)
 
@@ -86,7 +140,11 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32, sigma_r
         return w / (w.sum(-1, keepdim=True) + 1e-12)
 
     wa, wb = weights(fa), weights(fb)
-    joint = torch.einsum("bni,bnj->bij", wa, wb) / fa.shape[1]     # (B, bins, bins)
+    if fw is None:
+        joint = torch.einsum("bni,bnj->bij", wa, wb) / fa.shape[1]     # (B, bins, bins)
+    else:
+        joint = torch.einsum("bni,bnj->bij", wa * fw.unsqueeze(-1), wb)
+        joint = joint / fw.sum(1).clamp_min(1e-12).view(-1, 1, 1)
     pa = joint.sum(2, keepdim=True)
     pb = joint.sum(1, keepdim=True)
     eps = 1e-10
@@ -94,7 +152,8 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32, sigma_r
     return -mi.mean()
 
 
-def dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, eps: float = 1e-5,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """``1 - mean soft Dice`` over batch and channels.
 
     Parameters
@@ -102,8 +161,13 @@ def dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, eps: floa
     fixed_onehot, warped_onehot : torch.Tensor (B, K, [D,] H, W)
         One channel per label (no background channel needed), values in [0, 1]; the warped one is
         usually a one-hot map warped with trilinear interpolation (soft).
+    mask : (B or 1, 1, *spatial), optional: voxel weights in [0, 1] (both maps are multiplied by it).
     """
     _check_pair(fixed_onehot, warped_onehot, "dice_loss")
+    _check_mask(mask, fixed_onehot, "dice_loss")
+    if mask is not None:
+        w = mask.to(fixed_onehot.dtype)
+        fixed_onehot, warped_onehot = fixed_onehot * w, warped_onehot * w
     dims = tuple(range(2, fixed_onehot.dim()))
     inter = (fixed_onehot * warped_onehot).sum(dims)
     denom = fixed_onehot.sum(dims) + warped_onehot.sum(dims)

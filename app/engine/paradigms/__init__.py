@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Registrar, make_params, param, parse_param_args, validate_params  # noqa: F401
+from .base import (Registrar, format_number_list, make_params, param, parse_number_list,  # noqa: F401
+                   parse_param_args, validate_params)
 
 REGISTRY: dict[str, str] = {
     "iterative": "app.engine.paradigms.iterative:IterativeRegistrar",

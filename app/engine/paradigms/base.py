@@ -3,11 +3,17 @@
 Each parameter is a dataclass field whose ``metadata`` may carry ``help`` (one line),
 ``range`` ``(lo, hi)`` for numbers and ``choices`` for strings; the GUI builds its form from
 these and the CLI validates ``--param NAME=VALUE`` against them.
+
+A field may be a tuple of numbers (``levels: tuple[int, ...] = param((4, 2, 1), ...)``): it is
+written ``4,2,1`` on the command line and in the GUI (:func:`parse_number_list`,
+:func:`format_number_list`) and its ``range`` applies to every element.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
+import typing
 from dataclasses import field
 from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
 
@@ -38,22 +44,113 @@ class Registrar(Protocol):
                  cancel: Optional[threading.Event] = None, device: str = "auto") -> RegistrationResult: ...
 
 
+def parse_number_list(text, type: type = int, name: str = "value") -> tuple:
+    """``"4,2,1"`` -> ``(4, 2, 1)``: the one parser of comma-separated number lists.
+
+    Parameters
+    ----------
+    text : str, number or sequence of numbers
+        Numbers separated by commas and/or spaces, optionally in brackets (``"(4, 2, 1)"``,
+        ``"[4 2 1]"``); a single number or a sequence is taken as is.
+    type : int or float
+        Element type; ``int`` refuses fractions (``"2.5"``) but takes ``"2.0"``.
+    name : str
+        The parameter's name, for the error message.
+
+    Returns
+    -------
+    tuple of ``type``, at least one element.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` and the text, for an empty list or an element that is not a ``type``.
+    """
+    if type not in (int, float):
+        raise ValueError(f"parse_number_list: type must be int or float, got {type!r}")
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    elif isinstance(text, (int, float)) and not isinstance(text, bool):
+        items = [text]
+    else:
+        body = str(text).strip()
+        if body[:1] in "([" and body[-1:] in ")]":
+            body = body[1:-1]
+        items = [t for t in re.split(r"[,\s]+", body) if t]
+    kind = "integers" if type is int else "numbers"
+    out = []
+    for it in items:
+        try:
+            v = float(it)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be comma-separated {kind} like '4,2,1', got {text!r}") from None
+        if type is int:
+            if v != int(v):
+                raise ValueError(f"{name} must be comma-separated {kind} like '4,2,1', got {text!r}")
+            v = int(v)
+        out.append(v)
+    if not out:
+        raise ValueError(f"{name} needs at least one number (comma-separated {kind} like '4,2,1'), got {text!r}")
+    return tuple(out)
+
+
+def format_number_list(values) -> str:
+    """``(4, 2, 1)`` -> ``"4,2,1"`` (the inverse of :func:`parse_number_list`)."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _field_types(params_cls: type) -> dict[str, Any]:
+    """Resolved annotations of a Params dataclass (``from __future__ import annotations`` makes strings)."""
+    try:
+        return typing.get_type_hints(params_cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: fall back to the raw strings
+        return {f.name: f.type for f in dataclasses.fields(params_cls)}
+
+
+def tuple_element_type(annotation, default=None) -> Optional[type]:
+    """int or float when a field is a tuple of numbers (from its annotation or default), else None."""
+    if typing.get_origin(annotation) is tuple:
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        if args and all(a in (int, float) for a in args):
+            return float if float in args else int
+    if isinstance(annotation, str) and annotation.replace(" ", "").startswith("tuple["):
+        return float if "float" in annotation else int
+    if isinstance(default, tuple) and default and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in default):
+        return float if any(isinstance(v, float) for v in default) else int
+    return None
+
+
 def validate_params(params) -> None:
-    """Raise ValueError when a field is outside its declared range or choices."""
+    """Raise ValueError when a field is outside its declared range or choices (tuples: per element)."""
     for f in dataclasses.fields(params):
         v = getattr(params, f.name)
         rng = f.metadata.get("range")
         if rng is not None and v is not None:
             lo, hi = rng
-            if not (lo <= v <= hi):
-                raise ValueError(f"parameter {f.name}={v!r} is outside its range [{lo}, {hi}]")
+            values = v if isinstance(v, (tuple, list)) else (v,)
+            if isinstance(v, (tuple, list)) and not v:
+                raise ValueError(f"parameter {f.name} needs at least one value")
+            for e in values:
+                if not (lo <= e <= hi):
+                    where = f" (element {e!r})" if isinstance(v, (tuple, list)) else ""
+                    raise ValueError(f"parameter {f.name}={_show(v)}{where} is outside its range [{lo}, {hi}]")
         ch = f.metadata.get("choices")
         if ch is not None and v not in ch:
             raise ValueError(f"parameter {f.name}={v!r} is not one of {', '.join(map(str, ch))}")
 
 
-def _coerce(f: dataclasses.Field, text: str):
-    t = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type), str)
+def _show(v) -> str:
+    return repr(format_number_list(v)) if isinstance(v, (tuple, list)) else repr(v)
+
+
+def _coerce(f: dataclasses.Field, text: str, annotation=None):
+    annotation = f.type if annotation is None else annotation
+    elem = tuple_element_type(annotation, f.default)
+    if elem is not None:
+        return parse_number_list(text, elem, f"parameter {f.name}")
+    t = annotation if isinstance(annotation, type) else {"int": int, "float": float, "bool": bool,
+                                                         "str": str}.get(str(annotation), str)
     if t is bool:
         low = text.strip().lower()
         if low in ("1", "true", "yes", "on"):
@@ -68,14 +165,23 @@ def _coerce(f: dataclasses.Field, text: str):
 
 
 def make_params(params_cls: type, overrides: dict[str, Any] | None = None):
-    """Build a Params instance from defaults plus ``overrides`` (strings are parsed), validated."""
+    """Build a Params instance from defaults plus ``overrides`` (strings are parsed), validated.
+
+    Tuple fields take ``"4,2,1"``, a number or a list (e.g. read back from a JSON record).
+    """
     fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    hints = _field_types(params_cls)
     kw = {}
     for k, v in (overrides or {}).items():
         if k not in fields:
             raise ValueError(f"unknown parameter '{k}' for {params_cls.__qualname__}; "
                              f"known: {', '.join(sorted(fields))}")
-        kw[k] = _coerce(fields[k], v) if isinstance(v, str) else v
+        f = fields[k]
+        elem = tuple_element_type(hints.get(k, f.type), f.default)
+        if elem is not None:
+            kw[k] = parse_number_list(v, elem, f"parameter {k}")
+        else:
+            kw[k] = _coerce(f, v, hints.get(k, f.type)) if isinstance(v, str) else v
     p = params_cls(**kw)
     validate_params(p)
     return p

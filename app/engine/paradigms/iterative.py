@@ -34,7 +34,7 @@ import SimpleITK as sitk
 from ..spatial import resample, transform_to_field
 from ..types import (Cancelled, LabelMap, Landmarks, Progress, ProgressFn, RegistrationResult,
                      Transform, Volume, check_cancel, params_to_dict)
-from .base import param, validate_params
+from .base import param, parse_number_list, validate_params
 
 STAGES = ("rigid", "affine", "rigid+affine", "rigid+affine+deformable", "affine+deformable",
           "rigid+deformable", "deformable")
@@ -214,13 +214,10 @@ class _Run:
 
 
 def _parse_levels(text: str, name: str) -> list[int]:
-    try:
-        out = [int(t) for t in str(text).replace(" ", "").split(",") if t]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated shrink factors like '4,2,1', got {text!r}") from None
-    if not out or any(f < 1 or f > 32 for f in out):
+    out = parse_number_list(text, int, name)
+    if any(f < 1 or f > 32 for f in out):
         raise ValueError(f"{name} must hold shrink factors between 1 and 32, got {text!r}")
-    return out
+    return list(out)
 
 
 def _sigmas(levels: list[int]) -> list[float]:
