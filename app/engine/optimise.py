@@ -113,6 +113,14 @@ class LinearModel(nn.Module):
         raise NotImplementedError
 
 
+def rotation_matrix(r: torch.Tensor) -> torch.Tensor:
+    """Rotation vector (3,) (radians, axis * angle, xyz) -> rotation matrix (3, 3): ``exp([r]x)``."""
+    z = torch.zeros((), dtype=r.dtype, device=r.device)
+    skew = torch.stack([torch.stack([z, -r[2], r[1]]), torch.stack([r[2], z, -r[0]]),
+                        torch.stack([-r[1], r[0], z])])
+    return torch.linalg.matrix_exp(skew)
+
+
 class RigidModel(LinearModel):
     """Rotation about ``centre`` + translation: ``M(x) = R (x - c) + c + t``, ``R = exp([r]x)``.
 
@@ -130,11 +138,7 @@ class RigidModel(LinearModel):
         return self.rotation / self.radius
 
     def linear_part(self) -> torch.Tensor:
-        r = self.rotation_vector()
-        z = torch.zeros((), dtype=r.dtype, device=r.device)
-        skew = torch.stack([torch.stack([z, -r[2], r[1]]), torch.stack([r[2], z, -r[0]]),
-                            torch.stack([-r[1], r[0], z])])
-        return torch.linalg.matrix_exp(skew)
+        return rotation_matrix(self.rotation_vector())
 
     def fold(self, matrix4: np.ndarray) -> bool:
         a = np.asarray(matrix4, float)[:3, :3]
@@ -331,6 +335,10 @@ class OptimiseResult:
     timings : dict
         Seconds: ``prepare``, ``level_<shrink>``, ``optimise``, ``export``.
     device : str
+    initial : Transform
+        The initial transform the optimisation started from.
+    folded : bool
+        True when a linear model absorbed ``initial`` (then ``transform`` is the model alone).
     """
 
     transform: Transform
@@ -339,6 +347,8 @@ class OptimiseResult:
     history: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     device: str = "cpu"
+    initial: Transform = field(default_factory=Transform.identity)
+    folded: bool = False
 
     @property
     def final_loss(self) -> float:
@@ -378,7 +388,8 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
     levels : shrink factors of the fixed grid, coarse to fine (each level's grid is the fixed grid
         box-averaged by that factor)
     iterations : one number per level, or one number for every level
-    optimizer : 'adam' or 'lbfgs' (L-BFGS with a strong-Wolfe line search, one iteration per step)
+    optimizer : 'adam' or 'lbfgs' (L-BFGS with a strong-Wolfe line search, at most ``iterations``
+        iterations per level; every function evaluation is reported)
     lr : step size; None = 0.1 voxels for fields, 1 mm for linear models
     landmarks : (fixed_points, moving_points, weight), optional
         ``(N, 3)`` LPS mm arrays (or :class:`~app.engine.types.Landmarks`) matched by row; adds
@@ -439,23 +450,13 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
     # ---- working images (float32 on the device) and grids (float64 4x4 matrices)
     model = model.to(dev)
     linear = _is_linear(model)
-    pre = np.eye(4)                                   # fixed in front of M: T = pre . M (linear path)
     folded = init_t.kind == "identity"
+    if linear and init_t.is_linear and not folded:
+        folded = model.fold(_linear_matrix(init_t))
     from .datasets import normalize_intensity
     norm = (lambda a: normalize_intensity(a, percentile)) if percentile is not None else (lambda a: a)
     fixed_n = norm(fixed.array)
-    moving_n = moving.with_array(norm(moving.array))
-    if linear and init_t.is_linear:
-        if not folded:
-            m0 = _linear_matrix(init_t)
-            folded = model.fold(m0)
-            if not folded:
-                pre = m0
-        work, mgrid = moving_n, moving                 # sample the moving image on its own grid
-    else:
-        work = spatial.resample(moving_n, fixed, init_t, "linear") if init_t.kind != "identity" else (
-            moving_n if moving_n.same_grid(fixed) else spatial.resample(moving_n, fixed, None, "linear"))
-        mgrid = fixed
+    work, mgrid, pre = _working(linear, fixed, moving.with_array(norm(moving.array)), init_t, folded)
     f_t = _tensor(fixed_n, dev)
     m_t = _tensor(work.array, dev)
     gf = grid_matrix(fixed)
@@ -491,17 +492,13 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
         model.set_level(lshape, min_size)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = (torch.optim.Adam(params, lr=lr) if optimizer == "adam" else
-               torch.optim.LBFGS(params, lr=lr, max_iter=1, history_size=10, line_search_fn="strong_wolfe"))
+               torch.optim.LBFGS(params, lr=lr, max_iter=max(n_it, 1), max_eval=max(n_it, 1) * 2,
+                                 tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20,
+                                 line_search_fn="strong_wolfe"))
         last: dict = {}
 
         def evaluate():
-            if linear:
-                k = gm_l_inv @ pre_t @ model.matrix() @ gf_l
-                warp = lambda img: sample_through(img, k[None], lshape, padding_mode="zeros")  # noqa: E731
-                disp_l = None
-            else:
-                disp_l = model.displacement(lshape)
-                warp = lambda img: spatial.warp_torch(img, disp_l, padding_mode="zeros")  # noqa: E731
+            warp, disp_l = _sampler(model, lshape, gm_l_inv, pre_t, gf_l, "zeros")
             terms = {}
             warped = warp(m_l) if (sim_fn is not None and not label_sim) or progress else None
             if sim_fn is not None and not label_sim:
@@ -525,22 +522,33 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
             last.update(loss=loss, terms=terms, warped=warped)
             return loss
 
-        for it in range(n_it):
-            check_cancel(cancel)
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = evaluate()
+            loss.backward()
+            return loss
 
-            def closure():
-                opt.zero_grad(set_to_none=True)
-                loss = evaluate()
-                loss.backward()
-                return loss
-
-            if optimizer == "adam":
+        if optimizer == "adam":
+            for it in range(n_it):
+                check_cancel(cancel)
                 closure()
                 opt.step()
-            else:
-                opt.step(closure)
-            reporter.report(li, shrink, it, float(last["loss"].detach()),
-                            {k: float(v.detach()) for k, v in last["terms"].items()}, last["warped"])
+                reporter.report(li, shrink, it, float(last["loss"].detach()),
+                                {k: float(v.detach()) for k, v in last["terms"].items()}, last["warped"])
+        elif n_it > 0:
+            # one L-BFGS run per level (its curvature memory needs consecutive iterations); every
+            # function evaluation (line-search trials included) is reported and may cancel
+            evals = {"n": 0}
+
+            def lbfgs_closure():
+                check_cancel(cancel)
+                loss = closure()
+                reporter.report(li, shrink, min(evals["n"], n_it - 1), float(loss.detach()),
+                                {k: float(v.detach()) for k, v in last["terms"].items()}, last["warped"])
+                evals["n"] += 1
+                return loss
+
+            opt.step(lbfgs_closure)
         timings[f"level_{shrink}"] = timings.get(f"level_{shrink}", 0.0) + time.perf_counter() - t_level
     timings["optimise"] = time.perf_counter() - t0
     check_cancel(cancel)
@@ -553,7 +561,59 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
     transform = model_tf if linear and folded else init_t.then(model_tf)
     timings["export"] = time.perf_counter() - t0
     return OptimiseResult(transform=transform, model_transform=model_tf, model=model,
-                          history=reporter.history, timings=timings, device=str(dev))
+                          history=reporter.history, timings=timings, device=str(dev), initial=init_t,
+                          folded=bool(linear and folded))
+
+
+def warp_moving(result: OptimiseResult, fixed: Volume, moving: Volume, padding_mode: str = "itk") -> Volume:
+    """``moving`` warped onto ``fixed``'s grid by ``result``'s model with the optimiser's torch sampler.
+
+    The same sampling path as the optimisation at full resolution (intensities unchanged), for
+    checking the exported :attr:`OptimiseResult.transform` against ``SimpleITK.Resample``. Field
+    models sample the working image (``moving`` resampled through the initial transform), so with a
+    non-identity initial transform or a moving grid other than the fixed one this interpolates twice.
+
+    Returns
+    -------
+    Volume on ``fixed``'s grid, ``(z, y, x)`` float32.
+    """
+    model = result.model
+    linear = _is_linear(model)
+    dev = next(iter(model.buffers())).device
+    work, mgrid, pre = _working(linear, fixed, moving, result.initial, result.folded)
+    with torch.no_grad():
+        gf = torch.as_tensor(grid_matrix(fixed), dtype=torch.float64, device=dev)
+        gm_inv = torch.as_tensor(np.linalg.inv(grid_matrix(mgrid)), dtype=torch.float64, device=dev)
+        warp, _ = _sampler(model, fixed.shape, gm_inv, torch.as_tensor(pre, device=dev), gf, padding_mode)
+        out = warp(_tensor(work.array, dev))
+    return fixed.with_array(out[0, 0].float().cpu().numpy(), name=moving.name)
+
+
+def _working(linear: bool, fixed: Volume, moving: Volume, init_t: Transform, folded: bool):
+    """(image to sample, its grid, 4x4 matrix in front of the model) for the model kind and initial.
+
+    Linear models with a linear initial transform sample the moving image on its own grid (the
+    initial is folded into the model, or kept as the matrix in front of it); everything else
+    samples the working image: ``moving`` resampled once through ``init_t`` onto the fixed grid.
+    """
+    if linear and init_t.is_linear:
+        return moving, moving, (np.eye(4) if folded or init_t.kind == "identity" else _linear_matrix(init_t))
+    if init_t.kind == "identity" and moving.same_grid(fixed):
+        return moving, fixed, np.eye(4)
+    return spatial.resample(moving, fixed, init_t, "linear"), fixed, np.eye(4)
+
+
+def _sampler(model, shape_zyx, gm_inv: torch.Tensor, pre: torch.Tensor, gf: torch.Tensor, padding_mode: str):
+    """(warp(image) -> image on the fixed-level grid, level displacement or None) for the current parameters.
+
+    ``gf`` maps the fixed level grid's indices to physical points, ``gm_inv`` physical points to the
+    sampled image's indices (4x4, float64); ``pre`` is the matrix in front of a linear model.
+    """
+    if _is_linear(model):
+        k = gm_inv @ pre @ model.matrix() @ gf
+        return (lambda img: sample_through(img, k[None], shape_zyx, padding_mode=padding_mode)), None
+    disp = model.displacement(shape_zyx)
+    return (lambda img: spatial.warp_torch(img, disp, padding_mode=padding_mode)), disp
 
 
 # --------------------------------------------------------------------------- helpers

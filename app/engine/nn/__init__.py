@@ -36,6 +36,8 @@ def resolve_device(device="auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
+    if name.startswith("cuda:") and not name[5:].isdigit():
+        raise ValueError(f"device must be 'cuda:N' with an integer N, got {device!r}")
     if not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but CUDA is not available; use 'auto' or 'cpu'")
     if name == "cuda":
@@ -47,10 +49,7 @@ def resolve_device(device="auto") -> torch.device:
         except ValueError:
             raise ValueError(f"LOCAL_RANK must be an integer under torchrun, got {rank!r}") from None
     else:
-        try:
-            index = int(name.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"device must be 'cuda:N' with an integer N, got {device!r}") from None
+        index = int(name[5:])
     count = torch.cuda.device_count()
     if not 0 <= index < count:
         raise ValueError(f"device {device!r} asks for GPU {index} but {count} GPU(s) are visible"
