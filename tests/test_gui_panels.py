@@ -142,6 +142,24 @@ def test_params_form_builds_every_registered_paradigm(qtbot):
         assert form.values() == cls(), key
 
 
+def test_params_form_round_trips_a_tuple_field(qtbot):
+    from PySide6.QtWidgets import QLineEdit
+
+    from app.engine.paradigms.instance import InstanceParams
+    from app.widgets.params_form import ParamsForm
+    form = ParamsForm(InstanceParams)
+    qtbot.addWidget(form)
+    assert isinstance(form.editors["levels"], QLineEdit) and form.editors["levels"].text() == "4,2,1"
+    form.set_values({"levels": (2, 1), "iterations": [30, 20]})       # a list, as read back from JSON
+    assert form.editors["iterations"].text() == "30,20"
+    assert form.values().levels == (2, 1) and form.values().iterations == (30, 20)
+    form.editors["levels"].setText("8, 4,2")
+    assert form.values().levels == (8, 4, 2)
+    form.editors["levels"].setText("4,0")
+    with pytest.raises(ValueError, match="levels"):
+        form.values()
+
+
 # ----------------------------------------------------------------------------- registration panel
 def _panel(qtbot, inputs=None, key="fake"):
     from app.widgets.metrics_panel import MetricsPanel
