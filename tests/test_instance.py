@@ -158,6 +158,33 @@ def test_refine_composes_with_the_initial_transform():
     assert _interior_error(r.field, u + shift) < 0.5
 
 
+def test_initial_transform_skips_the_prealignment_and_is_kept_in_the_chain():
+    fixed, moving, u = _pair()
+    shift = np.array([3.0, -2.0, 1.5])
+    tr = Transform(sitk.TranslationTransform(3, tuple(shift)), "rigid")
+    shifted = Volume(moving.array, moving.spacing, tuple(np.asarray(moving.origin) + shift), moving.direction)
+    p = _params(prealign="affine")                 # ignored: the initial transform is the prealignment
+    r = InstanceRegistrar().register(fixed, shifted, p, initial=tr, device="cpu")
+    ref = refine(fixed, shifted, tr, p, device="cpu")
+    assert r.transform.kind == "composite" and r.paradigm == "instance"
+    np.testing.assert_allclose(r.field.array, ref.field.array, atol=1e-5)
+    assert _interior_error(r.field, u + shift) < 0.5
+    assert not any(h["stage"] in ("rigid", "affine") for h in r.history)
+
+
+def test_prealign_is_a_shortcut_for_a_pipeline():
+    from app.engine.pipeline import register_pipeline
+    fixed, moving, _ = _pair()
+    p = _params(prealign="affine", iterations="10,5")
+    r = InstanceRegistrar().register(fixed, moving, p, device="cpu")
+    pipe = register_pipeline(["iterative", "instance"], fixed, moving,
+                             [{"stages": "rigid+affine"}, _params(prealign="none", iterations="10,5")], device="cpu")
+    assert r.paradigm == "instance" and r.params["prealign"] == "affine" and len(r.stages) == 2
+    assert r.timings["prealign"] > 0 and r.timings["total"] >= r.timings["prealign"]
+    np.testing.assert_allclose(r.field.array, pipe.field.array, atol=1e-4)
+    assert {h["stage"] for h in r.history} >= {"rigid", "affine", "instance"}
+
+
 def test_progress_history_decreases():
     fixed, moving, _ = _pair()
     seen = []

@@ -45,9 +45,10 @@ REGULARISERS = ("diffusion", "bending")
 class InstanceParams:
     """Parameters of :class:`InstanceRegistrar` (metadata: help, range, choices)."""
 
-    prealign: str = param("affine", "initial alignment before the field is optimised: rigid+affine with the "
-                          "iterative paradigm, a learned paradigm's full result (instance optimisation after "
-                          "unsupervised / weakly, with its bundled or given checkpoint), or none",
+    prealign: str = param("affine", "initial alignment before the field is optimised, a shortcut for a pipeline: "
+                          "rigid+affine with the iterative paradigm (iterative+instance), a learned paradigm's "
+                          "full result (unsupervised+instance / weakly+instance, with its bundled or given "
+                          "checkpoint), or none; ignored when a pipeline gives an initial transform",
                           choices=("affine", "unsupervised", "weakly", "none"))
     similarity: str = param("lncc", "image similarity: local NCC (same modality), global NCC, normalised MSE, "
                             "or mutual information (multimodal)", choices=SIMILARITIES)
@@ -125,21 +126,12 @@ class InstanceRegistrar:
         _check_inputs(fixed, moving)
         t_start = time.perf_counter()
         check_cancel(cancel)
-        if initial is not None:
-            start = initial
-        elif p.prealign == "affine":
-            start = _prealign(fixed, moving, progress, cancel)
-        elif p.prealign in ("unsupervised", "weakly"):
-            from . import get
-            start = get(p.prealign).register(fixed, moving, None, checkpoint=checkpoint, progress=progress,
-                                             cancel=cancel, device=device).transform
-        else:
-            start = Transform.identity()
-        pre_s = time.perf_counter() - t_start
-        prealigned = initial is None and p.prealign != "none"
-        result = refine(fixed, moving, start, p, moving_labels=moving_labels, progress=progress,
-                        cancel=cancel, device=device, _fraction_start=0.1 if prealigned else 0.0)
-        result.timings = {"prealign": pre_s, **{k: v for k, v in result.timings.items() if k != "initial"},
+        if initial is None and p.prealign != "none":
+            return _prealigned(fixed, moving, p, moving_labels=moving_labels, checkpoint=checkpoint,
+                               progress=progress, cancel=cancel, device=device)
+        result = refine(fixed, moving, initial, p, moving_labels=moving_labels, progress=progress,
+                        cancel=cancel, device=device)
+        result.timings = {"prealign": 0.0, **{k: v for k, v in result.timings.items() if k != "initial"},
                           "total": time.perf_counter() - t_start}
         return result
 
@@ -230,18 +222,27 @@ def refine(fixed: Volume, moving: Volume, initial: Union[RegistrationResult, Tra
 
 
 # --------------------------------------------------------------------------- helpers
-def _prealign(fixed: Volume, moving: Volume, progress, cancel) -> RegistrationResult:
-    """Rigid + affine with the iterative paradigm; its progress is mapped to the first 10 %."""
-    from . import get
-    it = get("iterative")
-    p = make_params(it.Params, {"stages": "rigid+affine"})
+def _prealigned(fixed: Volume, moving: Volume, p: InstanceParams, **kwargs) -> RegistrationResult:
+    """``prealign`` is a shortcut for a pipeline: ``iterative`` (rigid+affine) or a learned paradigm, then
+    ``instance`` starting from its transform (:func:`app.engine.pipeline.register_pipeline`).
 
-    def relay(pr: Progress) -> None:
-        if progress and pr.stage != "done":
-            frac = None if pr.fraction is None else 0.1 * pr.fraction
-            progress(Progress(pr.stage, pr.iteration, pr.total, pr.loss, frac, "prealignment: " + pr.message))
+    The result reads as an ``instance`` run (its params say ``prealign=...``, so it reproduces), with
+    the pipeline's ``stages`` records and timings ``prealign`` (the first stage), the field
+    optimisation's own entries and ``total``.
+    """
+    import dataclasses
 
-    return it.register(fixed, moving, p, progress=relay, cancel=cancel)
+    from ..pipeline import register_pipeline
+    first = "iterative" if p.prealign == "affine" else p.prealign
+    first_params = {"stages": "rigid+affine"} if first == "iterative" else {}
+    t_start = time.perf_counter()
+    result = register_pipeline([first, "instance"], fixed, moving,
+                               [first_params, dataclasses.replace(p, prealign="none")], **kwargs)
+    stage_t = result.stages[-1]["timings"] if result.stages else {}
+    timings = {"prealign": float(result.timings.get(f"1:{first}", 0.0)),
+               **{k: v for k, v in stage_t.items() if k not in ("prealign", "total")},
+               "total": time.perf_counter() - t_start}
+    return dataclasses.replace(result, paradigm=InstanceRegistrar.key, params=params_to_dict(p), timings=timings)
 
 
 def _check_inputs(fixed: Volume, moving: Volume) -> None:

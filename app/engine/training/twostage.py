@@ -39,6 +39,7 @@ from .. import metrics as M
 from ..nn import geometry as G
 from ..nn import losses as L
 from ..nn.networks import TwoStageNet
+from ..nn.similarity import get_similarity
 from ..nn.twostage import PairTensors, run_two_stage, warp_labels_nearest, warp_labels_onehot
 from ..spatial import warp_torch
 from ..types import Progress
@@ -49,18 +50,18 @@ log = logging.getLogger(__name__)
 
 
 def similarity_loss(name: str, window: int = 5):
-    """The image similarity as a loss function ``f(fixed, warped) -> scalar``."""
-    if name == "lncc":
-        return lambda a, b: L.lncc(a, b, window)
-    if name == "mse":
-        return L.mse
-    if name == "mi":
-        return L.mutual_information
-    raise ValueError(f"unknown similarity '{name}' (lncc, mse, mi)")
+    """The image similarity as a loss ``f(fixed, warped) -> scalar``, from :mod:`app.engine.nn.similarity`.
+
+    MSE stays the plain mean squared difference here (``normalise=False``), as the bundled models
+    were trained with it.
+    """
+    options = {"lncc": {"window": window}, "mse": {"normalise": False}}.get(name, {})
+    return get_similarity(name, **options)
 
 
 def _ints(text) -> list[int]:
-    return [int(c) for c in str(text).split(",") if c.strip()]
+    from ..paradigms.base import parse_number_list
+    return list(parse_number_list(text, int, "channels"))
 
 
 def preprocessing(cfg) -> D.Preprocessing:
