@@ -111,7 +111,7 @@ def _stage_progress(progress: Optional[ProgressFn], i: int, n: int, key: str) ->
             return
         frac = None if p.fraction is None else (i + max(0.0, min(1.0, p.fraction))) / n
         msg = f"stage {i + 1}/{n} ({key}): {p.message}" if p.message else f"stage {i + 1}/{n} ({key})"
-        progress(Progress(p.stage, p.iteration, p.total, p.loss, frac, msg, p.preview))
+        progress(dataclasses.replace(p, fraction=frac, message=msg))
     return relay
 
 

@@ -300,6 +300,8 @@ class Progress:
 
     ``fraction`` is the overall progress in [0, 1] when known (None: indeterminate).
     ``preview`` may hold a small 2D array (e.g. the middle slice of the current warp).
+    ``pose`` is a rigid pose being stepped (the ``agent`` paradigm): ``(tx, ty, tz)`` mm then
+    ``(rx, ry, rz)`` degrees about the fixed image's centre (:mod:`app.engine.rigid_pose`), or None.
     """
 
     stage: str
@@ -309,6 +311,7 @@ class Progress:
     fraction: Optional[float] = None
     message: str = ""
     preview: Optional[np.ndarray] = None
+    pose: Optional[tuple] = None
 
 
 ProgressFn = Callable[[Progress], None]

@@ -36,6 +36,7 @@ from .params_form import ParamsForm
 
 _CURVE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 _NO_LOSS_STAGES = ("done", "evaluate", "load", "resample")
+_POSE_NAMES = ("tx mm", "ty mm", "tz mm", "rx deg", "ry deg", "rz deg")   # Progress.pose (the agent)
 _ERROR_STYLE = "color: #b00020;"
 REGISTRATION_SHARE = 0.9      # of the progress bar; the metrics stage fills the rest
 
@@ -159,6 +160,7 @@ class RegistrationPanel(QWidget):
         self._loss_seen = 0
         self._curves: dict[str, tuple] = {}
         self._x = 0
+        self._pose_curves: list = []     # six (item, xs, ys): the agent's pose per step
         self.form: Optional[ParamsForm] = None
 
         # -- paradigm
@@ -346,6 +348,10 @@ class RegistrationPanel(QWidget):
             ys += cy
         order = sorted(range(len(xs)), key=xs.__getitem__)
         return [xs[i] for i in order], [ys[i] for i in order]
+
+    def pose_curve_data(self) -> list[tuple[list[float], list[float]]]:
+        """The agent's plotted pose: six (steps, values) for tx, ty, tz (mm), rx, ry, rz (degrees)."""
+        return [(list(xs), list(ys)) for _, xs, ys in self._pose_curves]
 
     def run(self) -> bool:
         """Start a run with the current inputs and settings. Returns False (and emits
@@ -602,11 +608,23 @@ class RegistrationPanel(QWidget):
             text += f"\n{p.message}"
         self.stage_label.setText(text)
         self._update_loss_plot()
+        if getattr(p, "pose", None) is not None and p.stage != "done":
+            self._add_pose(p.iteration, p.pose)
 
     @Slot(object, object)
     def _on_worker_finished(self, result, metrics) -> None:
         self._update_loss_plot()
-        if not self._curves:     # a learned model: one network pass, no optimisation to plot
+        # progress is throttled: the whole trajectory comes from the result
+        steps = [h for h in getattr(result, "history", []) if h.get("stage") == "agent" and "pose" in h]
+        if steps:
+            for _, xs, ys in self._pose_curves:
+                xs.clear()
+                ys.clear()
+            for h in steps:
+                self._add_pose(h["iteration"], h["pose"], redraw=False)
+            for item, xs, ys in self._pose_curves:
+                item.setData(xs, ys)
+        if not self._curves and not self._pose_curves:     # a learned model: one network pass, nothing to plot
             self.loss_plot.setTitle('<span style="color:#666">one network pass: no loss curve</span>', size="9pt")
         secs = self._run_ended()
         self.progress_bar.setRange(0, 1000)
@@ -657,6 +675,10 @@ class RegistrationPanel(QWidget):
     def _reset_plot(self) -> None:
         for item, _, _ in self._curves.values():
             self.loss_plot.removeItem(item)
+        for item, _, _ in self._pose_curves:
+            self.loss_plot.removeItem(item)
+        self._pose_curves = []
+        self.loss_plot.setLabel("left", "loss")
         self.loss_plot.setTitle(None)
         self._curves = {}
         self._loss_seen = 0
@@ -689,10 +711,26 @@ class RegistrationPanel(QWidget):
             item, xs, ys = self._curves[stage]
             item.setData(xs, normalise_curve(ys))
 
+    def _add_pose(self, step: int, pose, redraw: bool = True) -> None:
+        """One agent step: the six pose parameters (mm, degrees) against the step number."""
+        if not self._pose_curves:
+            for i in range(len(_POSE_NAMES)):
+                pen = self._pg.mkPen(_CURVE_COLOURS[i], width=1.5, style=Qt.SolidLine if i < 3 else Qt.DashLine)
+                self._pose_curves.append((self.loss_plot.plot([], [], pen=pen), [], []))
+            self.loss_plot.setLabel("left", "pose (mm, deg)" if not self._curves else "loss · pose (mm, deg)")
+            self._update_plot_title()
+        for (item, xs, ys), v in zip(self._pose_curves, pose):
+            xs.append(float(step))
+            ys.append(float(v))
+            if redraw:
+                item.setData(xs, ys)
+
     def _update_plot_title(self) -> None:
         # stage names in their curve colours above the plot: a legend would cover the curves
         spans = [f'<span style="color:{item.opts["pen"].color().name()}">{stage}</span>'
                  for stage, (item, _, _) in self._curves.items()]
+        spans += [f'<span style="color:{item.opts["pen"].color().name()}">{name}</span>'
+                  for name, (item, _, _) in zip(_POSE_NAMES, self._pose_curves)]
         self.loss_plot.setTitle(" · ".join(spans), size="9pt")
 
     # ================================================================ state

@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "unsupervised": "app.engine.paradigms.unsupervised:UnsupervisedRegistrar",
     "weakly": "app.engine.paradigms.weakly:WeaklyRegistrar",
     "instance": "app.engine.paradigms.instance:InstanceRegistrar",
+    "agent": "app.engine.paradigms.agent:AgentRegistrar",
 }
 
 def available() -> list[str]:
