@@ -678,7 +678,7 @@ class RegistrationPanel(QWidget):
         for item, _, _ in self._pose_curves:
             self.loss_plot.removeItem(item)
         self._pose_curves = []
-        self.loss_plot.setLabel("left", "loss")
+        self.loss_plot.setLabel("left", "loss (each stage scaled 0-1)")
         self.loss_plot.setTitle(None)
         self._curves = {}
         self._loss_seen = 0
@@ -717,7 +717,7 @@ class RegistrationPanel(QWidget):
             for i in range(len(_POSE_NAMES)):
                 pen = self._pg.mkPen(_CURVE_COLOURS[i], width=1.5, style=Qt.SolidLine if i < 3 else Qt.DashLine)
                 self._pose_curves.append((self.loss_plot.plot([], [], pen=pen), [], []))
-            self.loss_plot.setLabel("left", "pose (mm, deg)" if not self._curves else "loss · pose (mm, deg)")
+            self.loss_plot.setLabel("left", "pose (mm, deg)" if not self._curves else "loss (scaled) · pose (mm, deg)")
             self._update_plot_title()
         for (item, xs, ys), v in zip(self._pose_curves, pose):
             xs.append(float(step))
