@@ -172,6 +172,18 @@ def test_dice_on_labels_recovers_a_translation():
         optimise(fixed, moving, "rigid", similarity="dice", device="cpu")
 
 
+def test_iterative_linear_stages_on_the_torch_optimiser():
+    from app.engine.paradigms import get, make_params
+    fixed, moving = _pair("affine")
+    it = get("iterative")
+    p = make_params(it.Params, dict(stages="rigid+affine", histogram_match=False, use_mask=False, levels="2,1",
+                                    linear_iterations=30, linear_optimiser="torch", torch_similarity="mi"))
+    r = it.register(fixed, moving, p, device="cpu")
+    assert _point_error(r.transform, _linear_map(A_TRUE)).mean() < 0.1       # measured 0.03 (SimpleITK: 0.04)
+    assert r.transform.kind == "affine"           # the rigid stage folded into the affine model: one transform
+    assert {h["stage"] for h in r.history} == {"rigid", "affine"} and r.device == "cpu"
+
+
 # ----------------------------------------------------------------------------- initial transforms
 def test_linear_initial_is_folded_or_composed():
     fixed, moving = _pair("rigid")

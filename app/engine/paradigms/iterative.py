@@ -73,6 +73,12 @@ class IterativeParams:
                            "(an Otsu head mask, or the labels: see mask_from_labels)")
     mask_from_labels: bool = param(False, "with use_mask, use fixed labels > 0 (dilated) as the mask when "
                                    "fixed labels are given")
+    linear_optimiser: str = param("sitk", "rigid/affine stages: SimpleITK's regular-step descent on `metric`, or "
+                                  "the torch optimiser (app.engine.optimise: L-BFGS on `torch_similarity`, same "
+                                  "levels, mask and iterations)", choices=("sitk", "torch"))
+    torch_similarity: str = param("mi", "similarity of the torch rigid/affine stages (app.engine.nn.similarity): "
+                                  "mutual information, global NCC, local NCC or normalised MSE",
+                                  choices=("mi", "ncc", "lncc", "mse"))
     seed: int = param(42, "seed of the metric's random sampling (reproducible runs)", range=(0, 2**31 - 1))
 
 
@@ -116,7 +122,7 @@ class IterativeRegistrar:
         cancel : threading.Event, optional
             Checked every iteration; when set, the run stops and :class:`Cancelled` is raised.
         device : str
-            Ignored: SimpleITK runs on the CPU.
+            For ``linear_optimiser='torch'`` ('auto', 'cpu', 'cuda', 'cuda:N'); SimpleITK runs on the CPU.
 
         Returns
         -------
@@ -148,15 +154,19 @@ class IterativeRegistrar:
 
         transform = initial if initial is not None else Transform.identity()
         timings: dict[str, float] = {}
+        used = "cpu"
         for stage in stages:
             t0 = time.perf_counter()
-            if stage in ("rigid", "affine"):
-                step = _linear_stage(run, stage, f_img, m_img, mask, transform)
-            elif p.deformable == "bspline":
-                step = _bspline_stage(run, f_img, m_img, mask, transform)
+            if stage in ("rigid", "affine") and p.linear_optimiser == "torch":
+                transform, used = _linear_stage_torch(run, stage, f_img, m_img, mask, transform, device)
             else:
-                step = _demons_stage(run, f_img, m_img, transform)
-            transform = transform.then(step)
+                if stage in ("rigid", "affine"):
+                    step = _linear_stage(run, stage, f_img, m_img, mask, transform)
+                elif p.deformable == "bspline":
+                    step = _bspline_stage(run, f_img, m_img, mask, transform)
+                else:
+                    step = _demons_stage(run, f_img, m_img, transform)
+                transform = transform.then(step)
             timings[stage] = time.perf_counter() - t0
             check_cancel(cancel)
 
@@ -171,7 +181,7 @@ class IterativeRegistrar:
         if progress:
             progress(Progress("done", run.total, run.total, run.last_loss, 1.0, "registration finished"))
         return RegistrationResult(transform=transform, warped=warped, field=field, history=run.history,
-                                  timings=timings, device="cpu", paradigm=self.key, params=params_to_dict(p),
+                                  timings=timings, device=used, paradigm=self.key, params=params_to_dict(p),
                                   warped_labels=warped_labels)
 
 
@@ -214,7 +224,12 @@ class _Run:
 
 
 def _parse_levels(text: str, name: str) -> list[int]:
-    out = parse_number_list(text, int, name)
+    if not str(text).strip(" ,()[]"):
+        raise ValueError(f"{name} must hold shrink factors between 1 and 32, got {text!r}")
+    try:
+        out = parse_number_list(text, int, name)
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated shrink factors like '4,2,1', got {text!r}") from None
     if any(f < 1 or f > 32 for f in out):
         raise ValueError(f"{name} must hold shrink factors between 1 and 32, got {text!r}")
     return list(out)
@@ -325,6 +340,36 @@ def _linear_stage(run: _Run, stage: str, f_img, m_img, mask, previous: Transform
     reg.SetInitialTransform(tx, inPlace=True)
     _execute(run, reg, stage, f_img, m_img)
     return Transform(tx, "rigid" if stage == "rigid" else "affine")
+
+
+def _linear_stage_torch(run: _Run, stage: str, f_img, m_img, mask, previous: Transform,
+                        device: str) -> tuple[Transform, str]:
+    """Rigid or affine stage with :func:`app.engine.optimise.optimise` (L-BFGS, torch similarity).
+
+    Same inputs as :func:`_linear_stage` (normalised, histogram-matched images, mask, pyramid
+    ``levels``, ``linear_iterations`` per level). The moments / geometry initialiser starts a first
+    stage; a linear ``previous`` is folded into the model when it can hold it. Returns the whole
+    chain (fixed -> moving points) and the device used.
+    """
+    from ..optimise import optimise
+    p = run.p
+    init = previous
+    if previous.kind == "identity":
+        mode = (sitk.CenteredTransformInitializerFilter.MOMENTS if p.initializer == "moments"
+                else sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        init = Transform(sitk.CenteredTransformInitializer(f_img, m_img, sitk.Euler3DTransform(), mode), "rigid")
+    centre = _centre(f_img, mask)
+
+    def relay(pr: Progress) -> None:
+        run.report(stage, pr.iteration, pr.loss, int(pr.message.split()[1].split("/")[0]) - 1
+                   if pr.message.startswith("level ") else 0)
+
+    r = optimise(Volume.from_sitk(f_img), Volume.from_sitk(m_img), stage, initial=init,
+                 similarity=p.torch_similarity, levels=run.levels, iterations=p.linear_iterations,
+                 optimizer="lbfgs", mask=Volume.from_sitk(mask) if mask is not None else None, percentile=None,
+                 model_options={"centre_mm": centre}, progress=relay, cancel=run.cancel, device=device,
+                 stage=stage)
+    return r.transform, r.device
 
 
 def _centre(f_img: sitk.Image, mask) -> tuple:
