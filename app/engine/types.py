@@ -361,12 +361,15 @@ class RegistrationResult:
     warped_labels: Optional[LabelMap] = None
     stages: list = dataclasses.field(default_factory=list)
     error_map: Optional[Volume] = None
+    warnings: list = dataclasses.field(default_factory=list)     # why the result may not be trusted
 
     def summary(self) -> dict[str, Any]:
         out = {"paradigm": self.paradigm, "params": self.params, "checkpoint": self.checkpoint_id,
                "device": self.device, "timings": self.timings, "transform_kind": self.transform.kind}
         if len(self.stages) > 1:
             out["stages"] = self.stages
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
         return out
 
 

@@ -17,6 +17,8 @@ NETWORKS: dict[str, str] = {
     "affine_flow": "app.engine.nn.networks:FlowAffineNet",
     "two_stage": "app.engine.nn.networks:TwoStageNet",
     "agent": "app.engine.nn.agent_net:AgentNet",
+    "pose_regressor": "app.engine.nn.regression:PoseRegressor",
+    "supervised": "app.engine.nn.regression:SupervisedNet",
 }
 
 

@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "weakly": "app.engine.paradigms.weakly:WeaklyRegistrar",
     "instance": "app.engine.paradigms.instance:InstanceRegistrar",
     "agent": "app.engine.paradigms.agent:AgentRegistrar",
+    "supervised": "app.engine.paradigms.supervised:SupervisedRegistrar",
 }
 
 def available() -> list[str]:
