@@ -92,25 +92,26 @@ def test_forward_pass_of_an_untrained_net_is_the_start():
 
 
 # ----------------------------------------------------------------------------- training
+TINY = dict(grid="18x24x24", spacing_mm=10.0, max_train_subjects=2, channels="4,8,8,8", pose_enc="4,8,8",
+            pose_dec="8,8", device="cpu", points_per_pair=64)
+
+
 @pytest.mark.skipif(not HAVE_IXI, reason="IXI data not available")
 @pytest.mark.parametrize("pose_net", ["flow", "direct"])
 def test_a_few_training_steps_lower_the_loss(tmp_path, pose_net):
-    from app.engine.supervised_training import SupervisedTrainConfig, SupervisedTrainer
-    cfg = SupervisedTrainConfig(out=str(tmp_path / "t.pt"), grid="18x24x24", spacing_mm=10.0, max_train_subjects=2,
-                                max_val_pairs=0, batch_size=4, channels="4,8,8,8", iterations=1, device="cpu",
-                                points_per_pair=64, aug_intensity=False, pose_net=pose_net, pose_enc="4,8,8",
-                                pose_dec="8,8")
+    from app.engine.training import make_config
+    from app.engine.training.supervised import SupervisedTrainer
+    cfg = make_config("supervised", {**TINY, "max_val_pairs": 0, "batch_size": 4, "iterations": 1,
+                                     "aug_intensity": False, "pose_net": pose_net}, out=str(tmp_path / "t.pt"))
     torch.manual_seed(0)
-    tr = SupervisedTrainer(cfg, torch.device("cpu"))
-    model = tr.build()
-    tr.model = model
-    tr.load_data()
-    tr.set_trainable(model)
-    batch = tr.tensors(tr.sample(1, np.random.default_rng(0)), None, augment=False)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    tr = SupervisedTrainer("supervised", cfg, torch.device("cpu"))
+    tr.model = tr.build(None)
+    objective = tr.objective()
+    batch = tr.sample(1, np.random.default_rng(0), np.random.default_rng(1))
+    opt = torch.optim.Adam(tr.trainable(), lr=3e-3)
     losses = []
     for _ in range(25):
-        parts = tr.objective(model, batch)
+        parts = objective(**batch)
         opt.zero_grad()
         parts["total"].backward()
         opt.step()
@@ -120,21 +121,31 @@ def test_a_few_training_steps_lower_the_loss(tmp_path, pose_net):
 
 
 @pytest.mark.skipif(not HAVE_IXI, reason="IXI data not available")
-def test_train_writes_a_supervised_checkpoint_and_resumes(tmp_path):
-    from app.engine.supervised_training import SupervisedTrainConfig, train
+def test_train_writes_a_supervised_checkpoint_then_the_deformable_stage(tmp_path):
+    from app.engine.training import make_config, run_training
     out = tmp_path / "s.pt"
-    cfg = SupervisedTrainConfig(out=str(out), grid="18x24x24", spacing_mm=10.0, max_train_subjects=2,
-                                max_val_pairs=2, batch_size=2, channels="4,8,8,8", steps=2, val_every=0,
-                                ckpt_every=0, device="cpu", points_per_pair=32)
-    r = train(cfg)
+    cfg = make_config("supervised", {**TINY, "max_val_pairs": 2, "batch_size": 2, "steps": 2, "val_every": 0,
+                                     "ckpt_every": 0}, out=str(out))
+    r = run_training("supervised", cfg)
     assert np.isfinite(r["val"]["point_error_mm"])
-    ck = checkpoints.load_checkpoint(out, "supervised")
+    ck = checkpoints.load_checkpoint(out, "supervised", kinds=("supervised",))
     assert isinstance(ck["model"], SupervisedNet) and ck["training"]["steps"] == 2
-    assert ck["training"]["ranges"]["rot_deg_per_axis"] == 20.0
-    r2 = train(SupervisedTrainConfig(**{**cfg.__dict__, "resume": str(out), "steps": 3}))
+    assert ck["training"]["ranges"]["rot_deg_per_axis"] == 20.0 and ck["model"].stages == "affine"
+    r2 = run_training("supervised", make_config("supervised", {**cfg.__dict__, "resume": str(out), "steps": 3}))
     assert len(r2["history"]) == 1 and checkpoints.load_checkpoint(out)["training"]["steps"] == 3
     with pytest.raises(ValueError, match="trained for paradigm 'supervised', not 'unsupervised'"):
         checkpoints.load_checkpoint(out, "unsupervised")
+    # the deformable stage behind the trained pose net: end-point error against the known field
+    out2 = tmp_path / "d.pt"
+    cfg2 = make_config("supervised", {**TINY, "max_val_pairs": 2, "batch_size": 2, "steps": 2, "val_every": 0,
+                                      "stage": "deformable", "init": str(out), "enc": "4,8,8", "dec": "8,8,8",
+                                      "out_level": 0}, out=str(out2))
+    r3 = run_training("supervised", cfg2)
+    assert "epe_mm" in r3["history"][0] and np.isfinite(r3["val"]["epe_mm"])
+    ck2 = checkpoints.load_checkpoint(out2, "supervised")
+    assert ck2["model"].stages == "affine+deformable"
+    pose_before = checkpoints.load_checkpoint(out)["model"].pose.state_dict()     # frozen: unchanged
+    torch.testing.assert_close(ck2["model"].pose.state_dict(), pose_before)
 
 
 # ----------------------------------------------------------------------------- inference

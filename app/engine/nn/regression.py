@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .networks import DeformableNet, FlowAffineNet, _check_pair, _conv
+from .networks import AffineNet, DeformableNet, FlowAffineNet, _check_pair, _conv
 
 
 def skew(w: torch.Tensor) -> torch.Tensor:
@@ -129,8 +129,11 @@ class SupervisedNet(nn.Module):
             self.pose = PoseRegressor(**pose)
         elif kind == "affine_flow":
             self.pose = FlowAffineNet(**pose)
+        elif kind == "affine":
+            self.pose = AffineNet(**pose)
         else:
-            raise ValueError(f"SupervisedNet: the pose net must be 'pose_regressor' or 'affine_flow', got {kind!r}")
+            raise ValueError(f"SupervisedNet: the pose net must be 'pose_regressor', 'affine' or 'affine_flow', "
+                             f"got {kind!r}")
         self.deformable = None
         if deformable:
             d = dict(deformable)

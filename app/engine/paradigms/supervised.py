@@ -26,6 +26,7 @@ from typing import ClassVar, Optional
 
 import numpy as np
 
+from ..training.config import LoopConfig
 from ..types import (LabelMap, Landmarks, Progress, ProgressFn, RegistrationResult, Transform, Volume,
                      check_cancel, params_to_dict)
 from .base import param
@@ -42,6 +43,52 @@ class SupervisedParams:
                                "(0: the checkpoint's own)", range=(0, 8))
 
 
+@dataclass
+class SupervisedTrainConfig(LoopConfig):
+    """Training options of ``supervised`` (``main.py train --paradigm supervised --param NAME=VALUE``);
+    the trainer is :class:`app.engine.training.supervised.SupervisedTrainer`."""
+
+    init: str = param("", "checkpoint to start from: a supervised one (its pose net; with stage=deformable its "
+                          "frozen pose net), or an unsupervised / weakly one (its affine stage: network, weights and "
+                          "working grid)")
+    stage: str = param("affine", "what to train: the rigid (6) or affine (12) pose net, or the deformable net "
+                                 "(pose net frozen, from init)", choices=("rigid", "affine", "deformable"))
+    steps: int = param(2500, "total optimisation steps", range=(1, 10_000_000))
+    batch_size: int = param(8, "pairs per step (per process)", range=(1, 256))
+    val_every: int = param(100, "validate every N steps (0: only at the end)", range=(0, 10_000_000))
+    ckpt_every: int = param(100, "write the checkpoint every N steps (0: only at the end)", range=(0, 10_000_000))
+    max_val_pairs: int = param(16, "synthetic validation pairs (known transforms of the validation subjects; 0: none)",
+                               range=(0, 100_000))
+    grid: str = param("23x30x30", "working grid z x y x x (voxels)")
+    spacing_mm: float = param(8.0, "working grid spacing (isotropic, mm)", range=(0.25, 32.0))
+    iterations: int = param(2, "applications of the pose net (recursive: each on the moving image warped so far; "
+                               "training draws how many come before the differentiated one)", range=(1, 8))
+    pose_net: str = param("flow", "pose net: 'flow' (a coarse U-Net flow supervised densely by the known "
+                                  "correspondences, then a least-squares affine fit) or 'direct' (a strided CNN "
+                                  "regressing the 6 / 12 parameters)", choices=("flow", "direct"))
+    channels: str = param("8,16,32,64,64", "direct pose net: channels of the stride-2 conv levels")
+    pose_enc: str = param("8,16,32,32", "flow pose net: U-Net encoder channels")
+    pose_dec: str = param("32,32,16", "flow pose net: decoder channels (coarsest first)")
+    pose_pool: int = param(2, "flow pose net: average-pool its inputs by this factor first", range=(1, 4))
+    w_flow: float = param(1.0, "flow pose net: weight of the end-point error of its flow against the known "
+                               "correspondences (mm)", range=(0.0, 1e4))
+    rot_deg: float = param(20.0, "training transforms: max rotation per axis (degrees)", range=(0.0, 90.0))
+    trans_mm: float = param(25.0, "training transforms: max translation per axis (mm)", range=(0.0, 100.0))
+    scale: float = param(0.15, "training transforms (affine): scales in 1 +- scale", range=(0.0, 0.5))
+    shear: float = param(0.1, "training transforms (affine): shears in +- shear", range=(0.0, 0.5))
+    aug_intensity: bool = param(True, "random gamma, scale and noise on each image")
+    points_per_pair: int = param(512, "brain points per pair in the point-distance loss", range=(8, 100_000))
+    enc: str = param("8,16,32,32", "deformable net: U-Net encoder channels per level")
+    dec: str = param("32,32,32,16", "deformable net: decoder channels (coarsest first, down to out_level)")
+    out_level: int = param(0, "deformable net: field resolution level (0 = working grid, 1 = half)", range=(0, 4))
+    field_max_mm: float = param(8.0, "deformable stage: max length of the random training fields (mm)",
+                                range=(0.0, 50.0))
+    field_spacing_mm: float = param(40.0, "deformable stage: control-point spacing of the random fields (mm)",
+                                    range=(8.0, 200.0))
+    w_smooth: float = param(0.01, "deformable stage: weight of the gradient-L2 regulariser (voxels^2)",
+                            range=(0.0, 1e4))
+
+
 class SupervisedRegistrar:
     """One-shot regression of the transform (rigid / affine parameters, dense field) by CNNs trained on
     known synthetic transforms of real images."""
@@ -51,6 +98,9 @@ class SupervisedRegistrar:
     description: ClassVar[str] = ("Supervised end-to-end: CNNs regress the rigid/affine parameters and a dense "
                                   "field in one pass, trained on known synthetic transforms of real images")
     learned: ClassVar[bool] = True
+    TrainConfig: ClassVar[type] = SupervisedTrainConfig
+    trainer: ClassVar[str] = "app.engine.training.supervised:SupervisedTrainer"
+    network_kinds: ClassVar[tuple[str, ...]] = ("supervised",)
 
     def register(self, fixed: Volume, moving: Volume, params: Optional[SupervisedParams] = None, *,
                  fixed_labels: Optional[LabelMap] = None, moving_labels: Optional[LabelMap] = None,
@@ -79,11 +129,8 @@ def load_supervised(checkpoint=None) -> dict:
     except OSError:
         raise ValueError(f"checkpoint file not found: {path}") from None
     if stamp not in _CACHE:
-        ckpt = checkpoints.load_checkpoint(path, expected_paradigm="supervised")
-        from ..nn.regression import SupervisedNet
-        if not isinstance(ckpt["model"], SupervisedNet):
-            raise ValueError(f"{path.name} holds a {type(ckpt['model']).__name__}; paradigm 'supervised' needs a "
-                             f"pose regressor (supervised) network")
+        ckpt = checkpoints.load_checkpoint(path, expected_paradigm="supervised",
+                                           kinds=SupervisedRegistrar.network_kinds)
         _CACHE.clear()
         _CACHE[stamp] = ckpt
     return _CACHE[stamp]
