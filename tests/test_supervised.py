@@ -208,3 +208,20 @@ def test_bad_input_is_refused():
         register_supervised(flat, flat, SupervisedParams(stages="bogus"), device="cpu")
     m = S.about_centre(S.rotation_matrix([5, -3, 8]), [10, 20, 30], [1, 2, 3])
     np.testing.assert_allclose(nearest_rigid(m, [0, 0, 0]), m, atol=1e-9)
+
+
+@pytest.mark.skipif(not HAVE_IXI, reason="IXI data not available")
+def test_warm_start_from_a_two_stage_affine_stage(tmp_path):
+    from app.engine.nn.networks import AffineNet
+    from app.engine.training import make_config
+    from app.engine.training.supervised import SupervisedTrainer
+    src = checkpoints.CHECKPOINT_DIR / "unsupervised.pt"
+    cfg = make_config("supervised", {"init": str(src), "max_train_subjects": 1, "max_val_pairs": 0, "device": "cpu"},
+                      out=str(tmp_path / "w.pt"))
+    tr = SupervisedTrainer("supervised", cfg, torch.device("cpu"))
+    model = tr.build(None)
+    ref = checkpoints.load_checkpoint(src)
+    assert isinstance(model.pose, AffineNet) and model.stages == "affine"
+    torch.testing.assert_close(model.pose.state_dict(), ref["model"].affine.state_dict())
+    assert tr.preprocessing()["grid_shape"] == ref["preprocessing"]["grid_shape"]
+    assert tr.record()["init"]["paradigm"] == "unsupervised"
