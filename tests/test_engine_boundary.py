@@ -1,4 +1,5 @@
-"""The engine runs headless: importing it must not load Qt, VTK or pyqtgraph."""
+"""The engine and the viewer models run headless: importing them must not load Qt, VTK or
+pyqtgraph."""
 import pkgutil
 import subprocess
 import sys
@@ -9,9 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _engine_modules():
     import app.engine
-    names = ["app.engine"]
-    for m in pkgutil.walk_packages(app.engine.__path__, "app.engine."):
-        names.append(m.name)
+    import app.viewer
+    names = ["app.engine", "app.viewer"]
+    for pkg, prefix in ((app.engine, "app.engine."), (app.viewer, "app.viewer.")):
+        for m in pkgutil.walk_packages(pkg.__path__, prefix):
+            names.append(m.name)
     return names
 
 

@@ -14,8 +14,8 @@ import pytest
 import SimpleITK as sitk
 
 from app.engine.types import RegistrationResult, Transform, Volume
-from app.widgets import compositing as comp
-from app.widgets.slice_geometry import make_plane, sample, sample_point
+from app.viewer import compositing as comp
+from app.viewer.slice_geometry import make_plane, sample, sample_point
 
 # Qt aborts the whole process when it cannot open a display: skip (not crash) without one
 _NO_DISPLAY = (not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")
@@ -85,7 +85,7 @@ def test_oblique_sampling_matches_simpleitk():
 def test_plane_jacobian_equals_the_full_map(with_field):
     """Per-slice Jacobian / displacement (what the views draw) == the engine's full-volume maps."""
     from app.engine import spatial
-    from app.widgets.viewer_state import ViewerState
+    from app.viewer.viewer_state import ViewerState
     d = np.array([[0, 0, -1], [1, 0, 0], [0, 1, 0]], float)       # IXI-like permuted axes
     rng = np.random.default_rng(1)
     fixed = Volume(rng.random((9, 10, 11)).astype(np.float32), (2.0, 1.5, 3.0), (4, -2, 7), d, "f")
@@ -196,7 +196,7 @@ def fresh(window, qapp):
     """The shared window with default overlay settings, cursor at the centre, no result."""
     import dataclasses
 
-    from app.widgets.viewer_state import OverlaySettings
+    from app.viewer.viewer_state import OverlaySettings
     st = window.state
     st.set_result(None)
     st.set_overlay(**dataclasses.asdict(OverlaySettings()))
@@ -240,7 +240,7 @@ def test_loading_the_demo_fills_the_views(fresh):
 def test_views_keep_physical_aspect_and_orientation(qapp, qtbot):
     """A box 10 x 20 x 24 mm on an anisotropic, rotated grid renders with its physical shape."""
     from app.widgets.slice_view import SliceView
-    from app.widgets.viewer_state import ViewerState
+    from app.viewer.viewer_state import ViewerState
     st = ViewerState()
     views = {o: SliceView(st, o) for o in ("axial", "coronal", "sagittal")}
     for v in views.values():

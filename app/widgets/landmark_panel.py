@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QMenu,
+    QMessageBox,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -34,6 +35,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.engine.types import Landmarks
+from app.viewer.landmarks import FORMAT, LandmarkPairs  # noqa: F401 - FORMAT kept for importers
 
 COLUMNS = ["#", "Fixed\nx", "Fixed\ny", "Fixed\nz", "Moving\nx", "Moving\ny", "Moving\nz",
            "TRE\nbefore", "TRE\nafter"]
@@ -43,7 +45,6 @@ _TRE_BEFORE, _TRE_AFTER = 7, 8
 _DASH = "–"
 FILE_FILTER = "Landmarks (*.mrk.json *.fcsv *.csv *.json *.txt *.pts);;All files (*)"
 EXPORT_FILTER = "Slicer markups (*.mrk.json);;Slicer fiducials (*.fcsv);;CSV (*.csv)"
-FORMAT = "regstation-landmark-pairs"
 
 
 def _fmt(v: Optional[float], fmt: str = "{:.2f}") -> str:
@@ -68,9 +69,9 @@ class LandmarkPanel(QWidget):
     point_selected = Signal(object)
     pick_target_changed = Signal(object)
 
-    def __init__(self, parent: Optional[QWidget] = None):
+    def __init__(self, parent: Optional[QWidget] = None, model: Optional[LandmarkPairs] = None):
         super().__init__(parent)
-        self._pairs: list[dict] = []          # {"name": str, "fixed": (3,) or None, "moving": (3,) or None}
+        self.model = model if model is not None else LandmarkPairs()
         self._transform = None
         self._pick_target: Optional[str] = None
         self._autosave_path: Optional[Path] = None
@@ -116,6 +117,10 @@ class LandmarkPanel(QWidget):
 
         self.delete_button = QPushButton("Delete")
         self.delete_button.setToolTip("Delete the selected pairs (Del)")
+        self.delete_all_button = QPushButton("Delete all…")
+        self.delete_all_button.setToolTip("Delete every pair (asks first; Undo brings them back)")
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.setToolTip("Undo the last landmark change (Ctrl+Z)")
         self.import_button = QToolButton()
         self.import_button.setText("Import")
         self.import_button.setPopupMode(QToolButton.InstantPopup)
@@ -129,6 +134,7 @@ class LandmarkPanel(QWidget):
         emenu = QMenu(self.export_button)
         emenu.addAction("Fixed landmarks…", lambda: self._on_export("fixed"))
         emenu.addAction("Moving landmarks…", lambda: self._on_export("moving"))
+        emenu.addAction("Both sides in one file…", lambda: self._on_export("both"))
         self.export_button.setMenu(emenu)
         self.summary_label = QLabel()
         self.summary_label.setWordWrap(True)
@@ -141,6 +147,8 @@ class LandmarkPanel(QWidget):
         pick.addStretch(1)
         buttons = QHBoxLayout()
         buttons.addWidget(self.delete_button)
+        buttons.addWidget(self.delete_all_button)
+        buttons.addWidget(self.undo_button)
         buttons.addStretch(1)
         buttons.addWidget(self.import_button)
         buttons.addWidget(self.export_button)
@@ -154,9 +162,15 @@ class LandmarkPanel(QWidget):
         self.table.itemChanged.connect(self._on_item_change)
         self.table.itemSelectionChanged.connect(self._on_selection_change)
         self.delete_button.clicked.connect(self.delete_selected)
+        self.delete_all_button.clicked.connect(self.ask_delete_all)
+        self.undo_button.clicked.connect(self.undo)
+        undo = QShortcut(QKeySequence.Undo, self)
+        undo.setContext(Qt.WidgetWithChildrenShortcut)
+        undo.activated.connect(self.undo)
         sc = QShortcut(QKeySequence.Delete, self.table)
         sc.setContext(Qt.WidgetShortcut)
         sc.activated.connect(self.delete_selected)
+        self.model.events.changed.connect(self._on_model_change)
         self._refresh()
 
     # ================================================================ pick mode
@@ -185,95 +199,58 @@ class LandmarkPanel(QWidget):
             return
         self.pick_target = {self.pick_fixed_button: "fixed", self.pick_moving_button: "moving"}.get(button)
 
-    # ================================================================ model
+    # ================================================================ model (delegated)
     def add_point(self, which: str, xyz) -> int:
-        """Add a ``which`` ('fixed' / 'moving') point at ``xyz`` (LPS mm).
-
-        It completes the first pair that lacks a ``which`` point (so clicking fixed, then
-        moving completes pair N), or starts a new pair. Returns the pair's row index.
-        """
-        if which not in ("fixed", "moving"):
-            raise ValueError(f"which must be 'fixed' or 'moving', got {which!r}")
-        p = np.asarray(xyz, dtype=float).reshape(-1)
-        if p.shape != (3,) or not np.all(np.isfinite(p)):
-            raise ValueError(f"a landmark is 3 finite LPS mm coordinates (x, y, z), got {xyz!r}")
-        for i, pair in enumerate(self._pairs):
-            if pair[which] is None:
-                pair[which] = p
-                self._changed(select=i)
-                return i
-        self._pairs.append({"name": self._next_name(), "fixed": None, "moving": None, which: p})
-        self._changed(select=len(self._pairs) - 1)
-        return len(self._pairs) - 1
-
-    def _next_name(self) -> str:
-        nums = [int(p["name"]) for p in self._pairs if str(p["name"]).isdigit()]
-        return str(max(nums, default=0) + 1)
+        """Add a ``which`` point at ``xyz`` (LPS mm); see :meth:`LandmarkPairs.add_point`."""
+        return self.model.add_point(which, xyz)
 
     def set_point(self, row: int, which: str, xyz) -> None:
-        """Move the ``which`` point of pair ``row`` to ``xyz`` (LPS mm)."""
-        p = np.asarray(xyz, dtype=float).reshape(3)
-        if not np.all(np.isfinite(p)):
-            raise ValueError(f"non-finite landmark coordinates {xyz!r}")
-        self._pairs[row][which] = p
-        self._changed()
+        self.model.set_point(row, which, xyz)
 
     def delete_rows(self, rows) -> None:
-        rows = sorted({int(r) for r in rows if 0 <= int(r) < len(self._pairs)}, reverse=True)
-        if not rows:
-            return
-        for r in rows:
-            del self._pairs[r]
-        self._changed()
+        self.model.delete_rows(rows)
 
     @Slot()
     def delete_selected(self) -> None:
         self.delete_rows(i.row() for i in self.table.selectionModel().selectedRows())
 
     def clear(self) -> None:
-        if self._pairs:
-            self._pairs.clear()
-            self._changed()
+        self.model.clear()
+
+    @Slot()
+    def ask_delete_all(self) -> bool:
+        """Delete every pair after the user confirms (True when deleted)."""
+        n = len(self.model)
+        if not n:
+            return False
+        ans = QMessageBox.question(self, "Delete all landmarks",
+                                   f"Delete all {n} landmark pair{'s' if n != 1 else ''}? (Undo brings them back.)",
+                                   QMessageBox.Yes | QMessageBox.Cancel, QMessageBox.Cancel)
+        if ans != QMessageBox.Yes:
+            return False
+        self.model.clear()
+        return True
 
     def clear_side(self, which: str) -> int:
-        """Remove every ``which`` ('fixed' / 'moving') point (pairs left empty are dropped);
-        returns how many points were removed."""
-        if which not in ("fixed", "moving"):
-            raise ValueError(f"which must be 'fixed' or 'moving', got {which!r}")
-        n = sum(1 for p in self._pairs if p[which] is not None)
-        if n:
-            for p in self._pairs:
-                p[which] = None
-            self._pairs = [p for p in self._pairs if p["fixed"] is not None or p["moving"] is not None]
-            self._changed()
-        return n
+        return self.model.clear_side(which)
 
     def point_count(self, which: str) -> int:
-        """Number of ``which`` ('fixed' / 'moving') points, complete pairs or not."""
-        return sum(1 for p in self._pairs if p[which] is not None)
+        return self.model.point_count(which)
 
     def pair_count(self, complete_only: bool = False) -> int:
-        if complete_only:
-            return sum(1 for p in self._pairs if p["fixed"] is not None and p["moving"] is not None)
-        return len(self._pairs)
+        return self.model.pair_count(complete_only)
 
     def pairs(self) -> list[dict]:
-        """Copies of the pairs: ``{"name", "fixed": (3,) or None, "moving": (3,) or None}``."""
-        return [{"name": p["name"], "fixed": None if p["fixed"] is None else p["fixed"].copy(),
-                 "moving": None if p["moving"] is None else p["moving"].copy()} for p in self._pairs]
-
-    def _complete(self) -> list[dict]:
-        return [p for p in self._pairs if p["fixed"] is not None and p["moving"] is not None]
+        return self.model.pairs()
 
     def fixed_landmarks(self) -> Landmarks:
-        """Fixed points of the complete pairs, ``(N, 3)`` LPS mm."""
-        c = self._complete()
-        return Landmarks(np.array([p["fixed"] for p in c]).reshape(-1, 3), [p["name"] for p in c])
+        return self.model.fixed_landmarks()
 
     def moving_landmarks(self) -> Landmarks:
-        """Moving points of the complete pairs, ``(N, 3)`` LPS mm (same order as the fixed)."""
-        c = self._complete()
-        return Landmarks(np.array([p["moving"] for p in c]).reshape(-1, 3), [p["name"] for p in c])
+        return self.model.moving_landmarks()
+
+    def undo(self) -> bool:
+        return self.model.undo()
 
     def set_transform(self, transform) -> None:
         """The current result's transform (fixed points -> moving points), or None: TRE after."""
@@ -282,51 +259,14 @@ class LandmarkPanel(QWidget):
 
     def tre(self) -> tuple[np.ndarray, np.ndarray]:
         """(before, after) TRE in mm per row (NaN where a pair is incomplete / no transform)."""
-        n = len(self._pairs)
-        before, after = np.full(n, np.nan), np.full(n, np.nan)
-        rows = [i for i, p in enumerate(self._pairs) if p["fixed"] is not None and p["moving"] is not None]
-        if not rows:
-            return before, after
-        f = np.array([self._pairs[i]["fixed"] for i in rows])
-        m = np.array([self._pairs[i]["moving"] for i in rows])
-        before[rows] = np.linalg.norm(f - m, axis=1)
-        if self._transform is not None:
-            try:
-                after[rows] = np.linalg.norm(self._transform.transform_points(f) - m, axis=1)
-            except Exception:  # noqa: BLE001 - a transform that fails on a point leaves NaN
-                pass
-        return before, after
+        return self.model.tre(self._transform)
 
     # ================================================================ persistence
     def to_dict(self) -> dict:
-        """JSON-safe: ``{"format", "version", "space": "LPS", "pairs": [{"name", "fixed", "moving"}]}``."""
-        return {"format": FORMAT, "version": 1, "space": "LPS", "units": "mm",
-                "pairs": [{"name": p["name"],
-                           "fixed": None if p["fixed"] is None else [float(v) for v in p["fixed"]],
-                           "moving": None if p["moving"] is None else [float(v) for v in p["moving"]]}
-                          for p in self._pairs]}
+        return self.model.to_dict()
 
     def from_dict(self, d: dict) -> None:
-        """Replace every pair by those of :meth:`to_dict` output."""
-        if not isinstance(d, dict) or not isinstance(d.get("pairs", []), list):
-            raise ValueError("not a landmark-pairs dictionary (expected a 'pairs' list)")
-        if d.get("space", "LPS") != "LPS":
-            raise ValueError(f"landmark pairs in space {d.get('space')!r}; LPS is expected")
-        pairs = []
-        for i, p in enumerate(d.get("pairs", [])):
-            entry = {"name": str(p.get("name", i + 1))}
-            for which in ("fixed", "moving"):
-                v = p.get(which)
-                if v is None:
-                    entry[which] = None
-                else:
-                    a = np.asarray(v, dtype=float).reshape(-1)
-                    if a.shape != (3,) or not np.all(np.isfinite(a)):
-                        raise ValueError(f"pair {entry['name']}: {which} point must be 3 finite numbers, got {v!r}")
-                    entry[which] = a
-            pairs.append(entry)
-        self._pairs = pairs
-        self._changed()
+        self.model.from_dict(d)
 
     def import_file(self, path, which: str) -> int:
         """Read a landmark file (``.mrk.json``, ``.fcsv``, ``.csv``, ...) into the ``which`` side:
@@ -335,25 +275,17 @@ class LandmarkPanel(QWidget):
         from app.engine import io
         if which not in ("fixed", "moving"):
             raise ValueError(f"which must be 'fixed' or 'moving', got {which!r}")
-        lm = io.read_landmarks(str(path))
-        for p in self._pairs:
-            p[which] = None
-        for i, xyz in enumerate(lm.points):
-            if i < len(self._pairs):
-                self._pairs[i][which] = np.asarray(xyz, float)
-            else:
-                name = str(lm.names[i]) if i < len(lm.names) and str(lm.names[i]) else self._next_name()
-                if any(q["name"] == name for q in self._pairs):
-                    name = self._next_name()
-                self._pairs.append({"name": name, "fixed": None, "moving": None, which: np.asarray(xyz, float)})
-        self._pairs = [p for p in self._pairs if p["fixed"] is not None or p["moving"] is not None]
-        self._changed()
-        return len(lm)
+        return self.model.set_side(which, io.read_landmarks(str(path)))
 
     def export_file(self, path, which: str) -> int:
-        """Write the ``which`` points of the complete pairs (LPS); the format follows the extension
-        (``.mrk.json``, ``.fcsv``, ``.csv``). Returns the number written."""
+        """Write the points of the complete pairs (LPS); the format follows the extension
+        (``.mrk.json``, ``.fcsv``, ``.csv``). ``which``: 'fixed', 'moving' or 'both' (one file:
+        CSV with ``name,fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z``, or a Slicer markups
+        file with the fixed points then the moving ones, labelled ``F-<name>`` / ``M-<name>``).
+        Returns the number of pairs written."""
         from app.engine import io
+        if which == "both":
+            return export_pairs(self.model, path)
         lm = self.fixed_landmarks() if which == "fixed" else self.moving_landmarks()
         io.write_landmarks(lm, str(path))
         return len(lm)
@@ -382,7 +314,15 @@ class LandmarkPanel(QWidget):
             self.summary_label.setText(self.autosave_error)
 
     # ================================================================ view
-    def _changed(self, select: Optional[int] = None) -> None:
+    @property
+    def _pairs(self) -> list[dict]:
+        return self.model._pairs
+
+    def _on_model_change(self, select: Optional[int] = None) -> None:
+        import shiboken6
+        if not shiboken6.isValid(self):       # a model outlives the panels that showed it
+            self.model.events.changed.disconnect(self._on_model_change)
+            return
         self._refresh()
         if select is not None and 0 <= select < self.table.rowCount():
             was = self.table.blockSignals(True)
@@ -423,6 +363,8 @@ class LandmarkPanel(QWidget):
             text += " · choose Place in Fixed, then click in the views"
         self.summary_label.setText(text)
         self.delete_button.setEnabled(n > 0)
+        self.delete_all_button.setEnabled(n > 0)
+        self.undo_button.setEnabled(self.model.can_undo)
         self.export_button.setEnabled(c > 0)
 
     def _set(self, r: int, c: int, text: str, editable: bool, align=Qt.AlignRight | Qt.AlignVCenter,
@@ -458,8 +400,7 @@ class LandmarkPanel(QWidget):
         cols = _FIXED_COLS if which == "fixed" else _MOVING_COLS
         p = self._pairs[r][which].copy()
         p[cols.index(c)] = v
-        self._pairs[r][which] = p
-        self._changed()
+        self.model.set_point(r, which, p)
 
     @Slot()
     def _on_selection_change(self) -> None:
@@ -488,8 +429,10 @@ class LandmarkPanel(QWidget):
             self.summary_label.setText(f"Could not read {Path(path).name}: {e}")
 
     def _on_export(self, which: str) -> None:
+        default = "landmark_pairs.csv" if which == "both" else f"{which}.mrk.json"
+        flt = "CSV, one row per pair (*.csv);;" + EXPORT_FILTER if which == "both" else EXPORT_FILTER
         path, _ = QFileDialog.getSaveFileName(self, f"Export {which} landmarks",
-                                              str(Path(self.data_dir()) / f"{which}.mrk.json"), EXPORT_FILTER)
+                                              str(Path(self.data_dir()) / default), flt)
         if not path:
             return
         try:
@@ -497,3 +440,25 @@ class LandmarkPanel(QWidget):
             self.summary_label.setText(f"Wrote {n} {which} landmarks to {Path(path).name}")
         except Exception as e:  # noqa: BLE001
             self.summary_label.setText(f"Could not write {Path(path).name}: {e}")
+
+
+def export_pairs(model: LandmarkPairs, path) -> int:
+    """Both sides of the complete pairs in one file (LPS mm): ``.csv`` with columns ``name,
+    fixed_x, fixed_y, fixed_z, moving_x, moving_y, moving_z``; otherwise a markups file
+    (``.mrk.json`` / ``.fcsv``) holding the fixed points then the moving ones, labelled
+    ``F-<name>`` and ``M-<name>``. Returns the number of pairs."""
+    from app.engine import io
+    from app.engine.io import atomic_path
+    f, m = model.fixed_landmarks(), model.moving_landmarks()
+    path = Path(path)
+    if path.name.lower().endswith(".csv"):
+        with atomic_path(path) as tmp:
+            rows = ["name,fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z"]
+            for name, a, b in zip(f.names, f.points, m.points):
+                rows.append(",".join([str(name)] + [repr(float(v)) for v in (*a, *b)]))
+            Path(tmp).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    else:
+        both = Landmarks(np.vstack([f.points, m.points]).reshape(-1, 3),
+                         [f"F-{n}" for n in f.names] + [f"M-{n}" for n in m.names])
+        io.write_landmarks(both, str(path))
+    return len(f)

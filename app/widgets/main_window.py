@@ -33,10 +33,11 @@ from app.engine.types import Volume
 
 from . import session as session_io
 from .overlay_panel import MODES, OverlayPanel
-from .slice_geometry import nearest_voxel
+from app.viewer.slice_geometry import nearest_voxel
 from .slice_view import SliceView
 from .view3d import View3D
-from .viewer_state import ViewerState
+from app.viewer.viewer_state import ViewerState
+from app.viewer.workspace import Workspace
 
 IMAGE_FILTER = ("Images (*.nii *.nii.gz *.nrrd *.nhdr *.mha *.mhd *.dcm *.DCM *.ima *.IMA);;"
                 "DICOM (*.dcm *.DCM *.ima *.IMA);;All files (*)")
@@ -103,11 +104,12 @@ class MainWindow(QMainWindow):
                  autosave_dir: str | Path | None = None):
         super().__init__()
         self.state = state or ViewerState()
+        # the Qt-free model of the session: layers (state), landmark pairs, runs; panels are views
+        self.workspace = Workspace(self.state)
         self.confirm_close = confirm_close
         self.autosave_dir = Path(autosave_dir) if autosave_dir else Path(
             QStandardPaths.writableLocation(QStandardPaths.AppDataLocation) or Path.home() / ".regstation") / "autosave"
         self.session_path: Optional[Path] = None
-        self.runs: list[dict] = []            # {"name", "result", "metrics"}
         self.error_boxes: list[QMessageBox] = []
         self.unsaved_results = False
         self.replace_policy = "ask"           # what replacing an image does to its dependents: ask/clear/keep
@@ -151,6 +153,7 @@ class MainWindow(QMainWindow):
         self._flicker = QTimer(self)
         self._flicker.timeout.connect(lambda: self.state.set_flicker_phase(1 - self.state.flicker_phase))
 
+        self.workspace.runs.events.current.connect(self._on_current_run)
         ev = self.state.events
         ev.cursor.connect(self._on_cursor_change)
         ev.layers.connect(self._on_layers_change)
@@ -203,9 +206,8 @@ class MainWindow(QMainWindow):
         lower = []
         try:
             from .landmark_panel import LandmarkPanel
-            self.landmark_panel = LandmarkPanel()
+            self.landmark_panel = LandmarkPanel(model=self.workspace.landmarks)
             lp = self.landmark_panel
-            lp.landmarks_changed.connect(self._on_landmarks_change)
             lp.point_selected.connect(self._on_point_selected)
             lp.pick_target_changed.connect(self._on_pick_target_change)
             kept = session_io.keep_previous_autosave(session_io.landmarks_autosave_path(self))
@@ -220,8 +222,7 @@ class MainWindow(QMainWindow):
             self._part_b_missing.append(f"landmark panel ({e.name or e})")
         try:
             from .metrics_panel import MetricsPanel
-            self.metrics_panel = MetricsPanel()
-            self.metrics_panel.run_selected.connect(self.select_run)
+            self.metrics_panel = MetricsPanel(model=self.workspace.runs)
             self.metrics_panel.data_dir = self.data_dir
             lower.append(self._add_dock("Metrics", self.metrics_panel, right))
             self._metrics_dock = lower[-1]
@@ -385,20 +386,8 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ stale data
     def stale_if_replaced(self, role: str) -> list[str]:
-        """What replacing or unloading layer ``role`` makes stale, as phrases for the user
-        (empty when nothing depends on it): its label map, its landmarks, every run."""
-        st = self.state
-        if role not in ("fixed", "moving") or getattr(st, role) is None:
-            return []
-        out = []
-        if getattr(st, f"{role}_labels") is not None:
-            out.append(f"the {role} labels")
-        n = self.landmark_panel.point_count(role) if self.landmark_panel is not None else 0
-        if n:
-            out.append(f"{n} {role} landmark{'s' if n != 1 else ''}")
-        if self.runs:
-            out.append(f"{len(self.runs)} registration run{'s' if len(self.runs) != 1 else ''} and their metrics")
-        return out
+        """What replacing or closing layer ``role`` makes stale (see :class:`Workspace`)."""
+        return self.workspace.stale_if_replaced(role)
 
     def confirm_stale(self, action: str, stale: list[str]) -> str:
         """Ask what to do with data computed on an image that is being replaced:
@@ -435,24 +424,17 @@ class MainWindow(QMainWindow):
         return True
 
     def clear_dependents(self, role: str) -> None:
-        """Drop the label map and landmarks of image ``role`` and every run (they were computed
-        on it)."""
-        if role not in ("fixed", "moving"):
-            return
-        if getattr(self.state, f"{role}_labels") is not None:
-            self.state.set_layer(f"{role}_labels", None)
-        if self.landmark_panel is not None:
-            self.landmark_panel.clear_side(role)
-        self.clear_runs()
+        """Drop the label map and landmarks of image ``role`` and every run."""
+        self.workspace.clear_dependents(role)
 
     def clear_runs(self) -> None:
         """Forget every run (history, metrics, the warped layer)."""
-        self.runs.clear()
-        if self.metrics_panel is not None:
-            self.metrics_panel.clear()
-        self.state.set_result(None)
-        if self.landmark_panel is not None:
-            self.landmark_panel.set_transform(None)
+        self.workspace.runs.clear()
+
+    @property
+    def runs(self) -> list:
+        """The run history (:class:`app.viewer.runs.Run`: ``name``, ``result``, ``metrics``)."""
+        return self.workspace.runs.runs
 
     def unload_layer(self, role: str) -> bool:
         """Remove layer ``role`` (and, for an image, what depends on it; see :meth:`load_layer`)."""
@@ -477,11 +459,7 @@ class MainWindow(QMainWindow):
             if QMessageBox.question(self, "Close all", "Close every image, label map, landmark and run?",
                                     QMessageBox.Yes | QMessageBox.Cancel) != QMessageBox.Yes:
                 return False
-        self.clear_runs()
-        if self.landmark_panel is not None:
-            self.landmark_panel.clear()
-        for role in ("moving_labels", "fixed_labels", "moving", "fixed"):
-            self.state.set_layer(role, None)
+        self.workspace.clear()
         return True
 
     def load_pair(self, fixed, moving, fixed_labels=None, moving_labels=None) -> bool:
@@ -558,14 +536,7 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------ registration (part B)
     def registration_inputs(self) -> dict:
         """What the registration panel runs on (the current layers and landmarks)."""
-        fp = mp = None
-        if self.landmark_panel is not None:
-            fp, mp = self.landmark_panel.fixed_landmarks(), self.landmark_panel.moving_landmarks()
-            fp = fp if fp is not None and len(fp) else None
-            mp = mp if mp is not None and len(mp) else None
-        st = self.state
-        return {"fixed": st.fixed, "moving": st.moving, "fixed_labels": st.fixed_labels,
-                "moving_labels": st.moving_labels, "fixed_points": fp, "moving_points": mp}
+        return self.workspace.registration_inputs()
 
     def _on_run_started(self) -> None:
         self._running = True
@@ -587,14 +558,8 @@ class MainWindow(QMainWindow):
 
     def add_run(self, result, metrics: dict, name: str | None = None) -> None:
         """Record a finished run, show it as the warped layer and list it in the metrics panel."""
-        name = name or f"{len(self.runs) + 1}: {result.paradigm or 'run'}"
-        self.runs.append({"name": name, "result": result, "metrics": dict(metrics)})
-        if self.metrics_panel is not None:
-            self.metrics_panel.add_run(name, result, metrics)
-        self.state.set_result(result)
+        self.workspace.add_run(result, metrics or {}, name)
         self.state.set_overlay(source="warped")
-        if self.landmark_panel is not None:
-            self.landmark_panel.set_transform(result.transform)
         self.unsaved_results = True
 
     def _on_run_failed(self, message: str) -> None:
@@ -608,22 +573,24 @@ class MainWindow(QMainWindow):
     def select_run(self, index: int) -> None:
         """Show run ``index`` of the history as the warped layer."""
         if 0 <= index < len(self.runs):
-            result = self.runs[index]["result"]
-            if result is None:
-                self.statusBar().showMessage(f"Run {self.runs[index]['name']} has no result to show", 5000)
-                return
-            self.state.set_result(result)
-            if self.landmark_panel is not None:
-                self.landmark_panel.set_transform(result.transform)
+            self.workspace.runs.set_current(index)
+
+    def _on_current_run(self, index) -> None:
+        run = None if index is None else self.runs[index]
+        if run is not None and run.result is None:
+            self.statusBar().showMessage(f"Run {run.name} has no result to show", 5000)
+        if self.landmark_panel is not None:
+            self.landmark_panel.set_transform(None if run is None or run.result is None else run.result.transform)
+        self._update_titles()
+
+    def _update_titles(self) -> None:
+        """The run on screen named in the view titles."""
+        run = self.workspace.runs.current_run
+        for v in self.slice_views.values():
+            if hasattr(v, "set_subtitle"):
+                v.set_subtitle("" if run is None else f"run: {run.name}")
 
     # ------------------------------------------------------------------ landmarks (part B)
-    def _on_landmarks_change(self) -> None:
-        pairs = self.landmark_panel.pairs()
-        fixed = [p["fixed"] for p in pairs if p["fixed"] is not None]
-        moving = [p["moving"] for p in pairs if p["moving"] is not None]
-        self.state.set_landmarks(np.array(fixed).reshape(-1, 3), np.array(moving).reshape(-1, 3),
-                                 self.state.selected_point)
-
     def _on_point_selected(self, xyz) -> None:
         p = np.asarray(xyz, float).reshape(3)
         self.state.set_landmarks(selected=p)
@@ -680,10 +647,8 @@ class MainWindow(QMainWindow):
     def _on_layers_change(self, name: str) -> None:
         st = self.state
         if name in ("fixed", "moving") and st.result is not None:
-            # a new input invalidates the shown result; the run history stays in the metrics panel
-            st.set_result(None)
-            if self.landmark_panel is not None:
-                self.landmark_panel.set_transform(None)
+            # a new input invalidates the shown result (kept runs stay listed, none is on screen)
+            self.workspace.runs.set_current(None)
         names = [Path(st.paths[k]).name for k in ("fixed", "moving") if k in st.paths]
         self.setWindowTitle("RegStation" + (" — " + " ← ".join(names) if names else ""))
         self._update_readout()

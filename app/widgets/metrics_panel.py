@@ -7,14 +7,15 @@ session can store it with :meth:`MetricsPanel.to_dict`.
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import io as _io
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from PySide6.QtCore import Qt, Signal, Slot
+
+from app.viewer.runs import RunHistory, json_safe  # noqa: F401 - json_safe re-exported
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -46,34 +47,6 @@ SUMMARY_ROWS: list[tuple[str, str, float, str]] = [
 _INFO_ROWS = [("Runtime (s)", "runtime_s"), ("Device", "device"), ("Paradigm", "paradigm"),
               ("Checkpoint", "checkpoint")]
 _DASH = "–"
-
-
-def json_safe(obj, _depth: int = 0):
-    """Plain JSON types only: numpy scalars -> Python numbers, NaN/inf -> None, arrays dropped
-    (small 1-D arrays become lists), tuples -> lists, keys -> str."""
-    if _depth > 8:
-        return None
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if isinstance(v, np.ndarray) and (v.ndim > 1 or v.size > 1000):
-                continue
-            out[str(k)] = json_safe(v, _depth + 1)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v, _depth + 1) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [json_safe(v, _depth + 1) for v in obj.tolist()] if obj.ndim <= 1 and obj.size <= 1000 else None
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)
 
 
 def _num(v) -> Optional[float]:
@@ -146,9 +119,9 @@ class MetricsPanel(QWidget):
 
     run_selected = Signal(int)
 
-    def __init__(self, parent: Optional[QWidget] = None):
+    def __init__(self, parent: Optional[QWidget] = None, model: Optional[RunHistory] = None):
         super().__init__(parent)
-        self._runs: list[dict[str, Any]] = []
+        self.model = model if model is not None else RunHistory()
         self.label_names: dict[str, str] = {}
         self.data_dir = lambda: ""     # where file dialogs start (the window points it next to the data)
 
@@ -156,6 +129,10 @@ class MetricsPanel(QWidget):
         self.history.setSelectionMode(QAbstractItemView.SingleSelection)
         self.history.setToolTip("Registration runs; select one to show its result")
         self.history.setMinimumHeight(48)
+        self.rename_button = QPushButton("Rename…")
+        self.rename_button.setToolTip("Give the selected run a name of your own")
+        self.delete_run_button = QPushButton("Delete")
+        self.delete_run_button.setToolTip("Forget the selected run")
 
         self.summary_table = self._make_table(["Before", "After"], sortable=False)
         self.summary_table.verticalHeader().setVisible(True)
@@ -179,6 +156,9 @@ class MetricsPanel(QWidget):
         self.tabs.addTab(self.summary_table, "Summary")
         self.tabs.addTab(per_label, "Per label")
         self.tabs.addTab(self.compare_table, "Compare runs")
+        self.dice_compare_table = self._make_table([], sortable=False)
+        self.dice_compare_table.verticalHeader().setVisible(True)
+        self.tabs.addTab(self.dice_compare_table, "Dice per label × run")
 
         self.copy_button = QPushButton("Copy")
         self.copy_button.setToolTip("Copy the table shown to the clipboard (tab-separated)")
@@ -190,7 +170,12 @@ class MetricsPanel(QWidget):
         hist = QWidget()
         hl = QVBoxLayout(hist)
         hl.setContentsMargins(0, 0, 0, 0)
-        hl.addWidget(QLabel("Runs"))
+        hrow = QHBoxLayout()
+        hrow.addWidget(QLabel("Runs"))
+        hrow.addStretch(1)
+        hrow.addWidget(self.rename_button)
+        hrow.addWidget(self.delete_run_button)
+        hl.addLayout(hrow)
         hl.addWidget(self.history)
         split = QSplitter(Qt.Vertical)
         split.addWidget(hist)
@@ -208,6 +193,13 @@ class MetricsPanel(QWidget):
         lay.addLayout(buttons)
 
         self.history.currentRowChanged.connect(self._on_history_change)
+        self.rename_button.clicked.connect(self._on_rename)
+        self.delete_run_button.clicked.connect(self._on_delete)
+        ev = self.model.events
+        for e in (ev.added, ev.removed, ev.renamed, ev.changed, ev.cleared):
+            e.connect(self._on_model_change)
+        ev.current.connect(self._on_current_change)
+        self._rebuild()
         self.copy_button.clicked.connect(self.copy_to_clipboard)
         self.export_button.clicked.connect(self._on_export)
         self._update_buttons()
@@ -229,27 +221,54 @@ class MetricsPanel(QWidget):
         t.setWordWrap(False)
         return t
 
-    # ================================================================ runs
-    def add_run(self, name: str, result=None, metrics: Optional[dict] = None, *, select: bool = True) -> int:
-        """Add a finished run; returns its index. ``result`` (a RegistrationResult) only supplies
-        paradigm / device / timings when the metrics lack them; it is not kept."""
-        m = json_safe(dict(metrics or {}))
-        if result is not None:
-            m.setdefault("paradigm", getattr(result, "paradigm", "") or None)
-            m.setdefault("device", getattr(result, "device", None))
-            if m.get("runtime_s") is None and getattr(result, "timings", None):
-                m["runtime_s"] = _num(result.timings.get("total"))
-            m.setdefault("checkpoint", getattr(result, "checkpoint_id", None))
-        run = {"name": str(name), "time": _dt.datetime.now().strftime("%H:%M:%S"), "metrics": m}
-        self._runs.append(run)
-        self._add_history_item(run)
-        self._fill_compare()
-        if select:
-            self.history.setCurrentRow(len(self._runs) - 1)
-        self._update_buttons()
-        return len(self._runs) - 1
+    # ================================================================ runs (a view of RunHistory)
+    @property
+    def _runs(self) -> list:
+        return self.model.runs
 
-    def _add_history_item(self, run: dict) -> None:
+    def add_run(self, name: Optional[str], result=None, metrics: Optional[dict] = None, *, select: bool = True) -> int:
+        """Add a finished run to the model; returns its index (see :meth:`RunHistory.add`)."""
+        return self.model.add(result, metrics, name, select=select)
+
+    def _alive(self) -> bool:
+        import shiboken6
+        if shiboken6.isValid(self):
+            return True
+        ev = self.model.events
+        for e in (ev.added, ev.removed, ev.renamed, ev.changed, ev.cleared):
+            e.disconnect(self._on_model_change)
+        ev.current.disconnect(self._on_current_change)
+        return False
+
+    def _on_model_change(self, *_) -> None:
+        if self._alive():
+            self._rebuild()
+
+    def _on_current_change(self, index) -> None:
+        if not self._alive():
+            return
+        was = self.history.blockSignals(True)
+        self.history.setCurrentRow(-1 if index is None else index)
+        self.history.blockSignals(was)
+        self._show_run(self._current_run())
+        self._update_buttons()
+        if index is not None:
+            self.run_selected.emit(index)
+
+    def _rebuild(self) -> None:
+        was = self.history.blockSignals(True)
+        self.history.clear()
+        for run in self._runs:
+            self._add_history_item(run)
+        cur = self.model.current
+        self.history.setCurrentRow(-1 if cur is None else cur)
+        self.history.blockSignals(was)
+        self._fill_compare()
+        self._fill_dice_compare()
+        self._show_run(self._current_run())
+        self._update_buttons()
+
+    def _add_history_item(self, run) -> None:
         m = run["metrics"]
         text = f"{run['name']}  ·  {run['time']}"
         d = _num(m.get("dice_mean"))
@@ -259,71 +278,91 @@ class MetricsPanel(QWidget):
         if t is not None:
             text += f"  ·  TRE {t:.2f} mm"
         it = QListWidgetItem(text)
-        it.setToolTip(f"{run['name']} ({m.get('paradigm') or '?'}) at {run['time']} on {m.get('device') or '?'}")
+        stages = " → ".join(str(s.get("paradigm")) for s in run.stages) if hasattr(run, "stages") else ""
+        it.setToolTip(f"{run['name']} ({stages or m.get('paradigm') or '?'}) at {run['time']} "
+                      f"on {m.get('device') or '?'}")
         self.history.addItem(it)
 
     def runs(self) -> list[dict]:
         """``[{"name", "time", "metrics"}, ...]`` (copies)."""
-        return [dict(r) for r in self._runs]
+        return [{"name": r["name"], "time": r["time"], "metrics": dict(r["metrics"])} for r in self._runs]
 
     @property
     def current_index(self) -> int:
-        return self.history.currentRow()
+        return -1 if self.model.current is None else self.model.current
 
     def select_run(self, index: int) -> None:
         """Show run ``index`` (emits ``run_selected`` when it changes)."""
         self.history.setCurrentRow(index)
 
+    def rename_current(self, name: str) -> None:
+        if self.model.current is not None:
+            self.model.rename(self.model.current, name)
+
+    def delete_current(self) -> None:
+        if self.model.current is not None:
+            self.model.remove(self.model.current)
+
+    @Slot()
+    def _on_rename(self) -> None:
+        run = self._current_run()
+        if run is None:
+            return
+        from PySide6.QtWidgets import QInputDialog
+        name, ok = QInputDialog.getText(self, "Rename run", "Name", text=run["name"])
+        if ok and name.strip():
+            self.rename_current(name)
+
+    @Slot()
+    def _on_delete(self) -> None:
+        run = self._current_run()
+        if run is None:
+            return
+        from PySide6.QtWidgets import QMessageBox
+        if QMessageBox.question(self, "Delete run", f"Forget the run '{run['name']}' and its metrics?",
+                                QMessageBox.Yes | QMessageBox.Cancel, QMessageBox.Cancel) == QMessageBox.Yes:
+            self.delete_current()
+
     def clear(self) -> None:
-        self._runs.clear()
-        self.history.blockSignals(True)
-        self.history.clear()
-        self.history.blockSignals(False)
-        self._show_run(None)
-        self._fill_compare()
-        self._update_buttons()
+        self.model.clear()
 
     def set_label_names(self, names: dict) -> None:
-        """Optional ``{label id: name}`` shown beside the ids in the per-label table."""
+        """Optional ``{label id: name}`` shown beside the ids in the per-label tables."""
         self.label_names = {str(k): str(v) for k, v in (names or {}).items()}
         self._show_run(self._current_run())
+        self._fill_dice_compare()
 
     def to_dict(self) -> dict:
         """JSON-safe state: runs (name, time, metrics) and the selected run."""
-        return {"runs": json_safe(self._runs), "current": self.current_index,
+        return {"runs": json_safe(self.runs()), "current": self.current_index,
                 "label_names": dict(self.label_names)}
 
     def from_dict(self, d: dict) -> None:
-        """Restore :meth:`to_dict` output (emits no ``run_selected``)."""
+        """Restore :meth:`to_dict` output (runs without results; emits no ``run_selected``)."""
         self.blockSignals(True)
         try:
-            self.clear()
+            self.model.clear()
             self.label_names = {str(k): str(v) for k, v in (d.get("label_names") or {}).items()}
             for r in d.get("runs", []):
-                run = {"name": str(r.get("name", f"run {len(self._runs) + 1}")),
-                       "time": str(r.get("time", "")), "metrics": json_safe(r.get("metrics") or {})}
-                self._runs.append(run)
-                self._add_history_item(run)
-            self._fill_compare()
+                self.model.add(None, r.get("metrics") or {}, str(r.get("name") or "") or None,
+                               select=False, time=str(r.get("time", "")))
             cur = d.get("current")
             if isinstance(cur, int) and 0 <= cur < len(self._runs):
-                self.history.setCurrentRow(cur)
+                self.model.set_current(cur)
             elif self._runs:
-                self.history.setCurrentRow(len(self._runs) - 1)
+                self.model.set_current(len(self._runs) - 1)
         finally:
             self.blockSignals(False)
         self._update_buttons()
 
     # ================================================================ tables
-    def _current_run(self) -> Optional[dict]:
-        i = self.history.currentRow()
-        return self._runs[i] if 0 <= i < len(self._runs) else None
+    def _current_run(self):
+        return self.model.current_run
 
     @Slot(int)
     def _on_history_change(self, row: int) -> None:
-        self._show_run(self._current_run())
         if 0 <= row < len(self._runs):
-            self.run_selected.emit(row)
+            self.model.set_current(row)        # -> _on_current_change -> run_selected
 
     def _show_run(self, run: Optional[dict]) -> None:
         self._fill_summary(run)
@@ -405,12 +444,15 @@ class MetricsPanel(QWidget):
         t.setHorizontalHeaderLabels(headers)
         t.setRowCount(len(rows))
         t.setVerticalHeaderLabels([r[0] for r in rows])
-        before = runs[0]["metrics"].get("before") or {}
         for r, (_, key, scale, fmt) in enumerate(rows):
             if fmt is None:
                 t.setItem(r, 0, _text_item(""))
             else:
-                t.setItem(r, 0, NumberItem(before.get(key), fmt, scale))
+                # the unregistered pair is the same for every run; take the latest run that
+                # measured it (landmarks placed after the first run still get a Before)
+                vals = [(run["metrics"].get("before") or {}).get(key) for run in runs]
+                have = [v for v in vals if v is not None]
+                t.setItem(r, 0, NumberItem(have[-1] if have else None, fmt, scale))
             for c, run in enumerate(runs, start=1):
                 v = run["metrics"].get(key)
                 if fmt is not None:
@@ -422,10 +464,32 @@ class MetricsPanel(QWidget):
         for c, run in enumerate(runs, start=1):
             t.horizontalHeaderItem(c).setToolTip(f"{run['name']} at {run['time']}")
 
+    def _fill_dice_compare(self) -> None:
+        """Rows: labels; columns: Before, then every run's Dice."""
+        t = self.dice_compare_table
+        t.clear()
+        runs = self._runs
+        per = [run["metrics"].get("dice_per_label") or {} for run in runs]
+        labels = sorted(set().union(*per) if per else set(), key=lambda s: (_num(s) is None, _num(s) or 0, s))
+        if not runs or not labels:
+            t.setRowCount(0)
+            t.setColumnCount(0)
+            return
+        t.setColumnCount(len(runs) + 1)
+        t.setHorizontalHeaderLabels(["Before"] + [r["name"] for r in runs])
+        t.setRowCount(len(labels))
+        t.setVerticalHeaderLabels([f"{lab} {self.label_names.get(str(lab), '')}".strip() for lab in labels])
+        befores = [(run["metrics"].get("before") or {}).get("dice_per_label") or {} for run in runs]
+        for r, lab in enumerate(labels):
+            have = [b.get(lab) for b in befores if b.get(lab) is not None]
+            t.setItem(r, 0, NumberItem(have[-1] if have else None))
+            for c, d in enumerate(per, start=1):
+                t.setItem(r, c, NumberItem(d.get(lab)))
+
     # ================================================================ copy / export
     def current_table(self) -> QTableWidget:
         i = self.tabs.currentIndex()
-        return [self.summary_table, self.label_table, self.compare_table][i]
+        return [self.summary_table, self.label_table, self.compare_table, self.dice_compare_table][i]
 
     def table_text(self, table: Optional[QTableWidget] = None, sep: str = "\t") -> str:
         """The table (default: the one shown) as delimited text, header first."""
@@ -452,7 +516,7 @@ class MetricsPanel(QWidget):
 
     @Slot()
     def _on_export(self) -> None:
-        name = ["summary", "per_label", "compare"][self.tabs.currentIndex()]
+        name = ["summary", "per_label", "compare", "dice_per_label_runs"][self.tabs.currentIndex()]
         path, _ = QFileDialog.getSaveFileName(self, "Export metrics", str(Path(self.data_dir()) / f"metrics_{name}.csv"),
                                               "CSV (*.csv)")
         if not path:
@@ -465,5 +529,7 @@ class MetricsPanel(QWidget):
 
     def _update_buttons(self) -> None:
         has = bool(self._runs)
+        self.rename_button.setEnabled(self.model.current is not None)
+        self.delete_run_button.setEnabled(self.model.current is not None)
         self.copy_button.setEnabled(has)
         self.export_button.setEnabled(has)

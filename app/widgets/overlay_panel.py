@@ -18,8 +18,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .compositing import auto_window
-from .viewer_state import ViewerState
+from app.viewer.compositing import auto_window
+from app.viewer.viewer_state import ViewerState
 
 MODES = [("none", "Fixed only"), ("blend", "Blend"), ("checkerboard", "Checkerboard"),
          ("difference", "Difference"), ("flicker", "Flicker")]

@@ -1,10 +1,12 @@
 """Persistence: session save / restore (JSON), saving results, landmark autosave, file roles.
 
-A session file holds: the image and label files (paths relative to the session file when they
-are below it, absolute otherwise), cursor, overlay settings, window/levels, per-view cameras, the
-landmark panel's and metrics panel's own dictionaries, and the run history. Each run's transform
-is written next to the session (``<stem>_runs/run<i>.h5``) so that restoring recomputes the
-warped image instead of storing it.
+A session file holds the workspace (:class:`app.viewer.workspace.Workspace`): the image and label
+files (paths relative to the session file when they are below it, absolute otherwise), cursor,
+overlay settings, window/levels, per-view cameras, the landmark pairs and the run history (name,
+time, paradigm, parameters, checkpoint, pipeline stages, metrics). Each run's transform is
+written next to the session, compactly (``<stem>_runs/run<i>.npz``, see
+:mod:`app.viewer.transform_store`; older sessions' ``.h5`` files are still read), so that
+restoring recomputes the warped image instead of storing it.
 
 Landmarks are autosaved by the landmark panel on every change, to ``<session>.landmarks.json``
 (:func:`landmarks_autosave_path`; the window's autosave folder before a session is saved), so
@@ -72,12 +74,11 @@ def session_dict(win: "MainWindow", path: Path) -> dict:
         "views": {o: v.view_state() for o, v in win.slice_views.items()},
         "view3d": win.view3d.view_state(),
         "runs": [],
-        "current_run": next((i for i, r in enumerate(win.runs) if r["result"] is st.result), None),
+        "current_run": win.workspace.runs.current,
+        "landmarks": win.workspace.landmarks.to_dict(),
     }
-    if win.landmark_panel is not None:
-        d["landmarks"] = win.landmark_panel.to_dict()
     if win.metrics_panel is not None:
-        d["metrics_panel"] = win.metrics_panel.to_dict()
+        d["label_names"] = dict(win.metrics_panel.label_names)
     return d
 
 
@@ -97,8 +98,8 @@ def save_session(win: "MainWindow", path) -> Path:
         tfile = run_dir / f"run{i + 1}.npz"
         write_transform_compact(res.transform, tfile)
         written.add(tfile.name)
-        d["runs"].append({"name": run["name"], "transform": _rel(str(tfile), path.parent),
-                          "summary": res.summary(), "metrics": run["metrics"]})
+        d["runs"].append({"name": run["name"], "time": run["time"], "transform": _rel(str(tfile), path.parent),
+                          "summary": res.summary(), "stages": run.stages, "metrics": run["metrics"]})
     _write_json_atomic(d, path)
     if run_dir.is_dir():        # transforms of runs this session no longer has
         for old in run_dir.glob("run*.*"):
@@ -132,14 +133,12 @@ def load_session(win: "MainWindow", path) -> None:
             st.set_window(layer, *wl)
     if "cursor" in d:
         st.set_cursor(d["cursor"])
-    if win.landmark_panel is not None and "landmarks" in d:
-        win.landmark_panel.from_dict(d["landmarks"])
+    if "landmarks" in d:
+        win.workspace.landmarks.from_dict(d["landmarks"])
     _restore_runs(win, d, base)
-    if win.metrics_panel is not None and "metrics_panel" in d:
-        win.metrics_panel.from_dict(d["metrics_panel"])
-    elif win.metrics_panel is not None:
-        for r in win.runs:
-            win.metrics_panel.add_run(r["name"], r["result"], r["metrics"])
+    if win.metrics_panel is not None:
+        names = d.get("label_names") or (d.get("metrics_panel") or {}).get("label_names") or {}
+        win.metrics_panel.set_label_names(names)
     cur = d.get("current_run")
     if cur is not None and 0 <= int(cur) < len(win.runs):
         win.select_run(int(cur))
@@ -172,12 +171,13 @@ def _restore_runs(win: "MainWindow", d: dict, base: Path) -> None:
                                      timings=s.get("timings", {}), device=s.get("device", "cpu"),
                                      paradigm=s.get("paradigm", ""), params=s.get("params", {}),
                                      checkpoint_id=s.get("checkpoint"))
-            win.runs.append({"name": r.get("name", f"{len(win.runs) + 1}"), "result": res,
-                             "metrics": r.get("metrics", {})})
+            if s.get("stages"):
+                res.stages = s["stages"]
+            win.workspace.runs.add(res, r.get("metrics", {}), r.get("name"), select=False, time=r.get("time"))
         except Exception as e:  # noqa: BLE001 - a missing run file must not stop the session
             failed.append(f"{r.get('name', '?')}: {e}")
-            # keep the slot, so run indices still match the metrics panel's history
-            win.runs.append({"name": r.get("name", "?"), "result": None, "metrics": r.get("metrics", {})})
+            # kept without a result: its metrics stay readable and the indices match the file
+            win.workspace.runs.add(None, r.get("metrics", {}), r.get("name", "?"), select=False, time=r.get("time"))
     if failed:
         win.show_error("Some runs could not be restored", "\n".join(failed))
 
@@ -213,7 +213,8 @@ def save_results(win: "MainWindow", folder) -> list[Path]:
         raise ValueError("there is no registration result to save; run a registration first")
     from app.engine import io
     from app.engine.evaluation import write_json, write_registration
-    metrics = next((r["metrics"] for r in win.runs if r["result"] is st.result), {})
+    cur = win.workspace.runs.current_run
+    metrics = cur.metrics if cur is not None else {}
     out = Path(folder)
     written = list(write_registration(out, st.result, metrics))
     if st.result.transform.is_linear:
@@ -222,12 +223,11 @@ def save_results(win: "MainWindow", folder) -> list[Path]:
     if st.result.field is None and st.field() is not None:
         io.write_field(st.field(), out / "field.nii.gz")
         written.append(out / "field.nii.gz")
-    if win.landmark_panel is not None:
-        for which, lms in (("fixed", win.landmark_panel.fixed_landmarks()),
-                           ("moving", win.landmark_panel.moving_landmarks())):
-            if lms is not None and len(lms):
-                io.write_landmarks(lms, out / f"{which}_landmarks.mrk.json")
-                written.append(out / f"{which}_landmarks.mrk.json")
+    lm = win.workspace.landmarks
+    for which, lms in (("fixed", lm.fixed_landmarks()), ("moving", lm.moving_landmarks())):
+        if len(lms):
+            io.write_landmarks(lms, out / f"{which}_landmarks.mrk.json")
+            written.append(out / f"{which}_landmarks.mrk.json")
     write_json({"runs": [{"name": r["name"], "summary": r["result"].summary() if r["result"] is not None else {},
                           "metrics": r["metrics"]} for r in win.runs]}, out / "runs.json")
     written.append(out / "runs.json")

@@ -1,14 +1,14 @@
 """One orthogonal slice view (axial, coronal or sagittal) of the fixed grid, rendered with VTK.
 
 Orientation follows 3D Slicer's default (radiological) convention, see
-:mod:`app.widgets.slice_geometry`: axial shows anterior up and the patient's right on the left;
+:mod:`app.viewer.slice_geometry`: axial shows anterior up and the patient's right on the left;
 coronal and sagittal show superior up (sagittal: anterior on the left). Scene coordinates are
 plane millimetres: world x = u (screen right), world y = v (screen up), so anisotropic voxels
 keep their physical aspect and oblique images are resampled in physical space.
 
 Layers, bottom to top: the composed image (fixed with window/level; overlay mode blend /
 checkerboard / difference / flicker; Jacobian heat map; deformation grid; see
-:mod:`app.widgets.compositing`), label contours (fixed, warped), landmark glyphs, crosshair.
+:mod:`app.viewer.compositing`), label contours (fixed, warped), landmark glyphs, crosshair.
 
 Mouse and keys: see :mod:`app.widgets.slice_interaction` (wheel = slice, right drag = zoom,
 middle drag = pan, left = cursor / window-level / landmark pick).
@@ -24,12 +24,12 @@ from vtkmodules.vtkFiltersCore import vtkAppendPolyData
 from vtkmodules.vtkRenderingAnnotation import vtkScalarBarActor
 from vtkmodules.vtkRenderingCore import vtkActor, vtkImageActor, vtkPolyDataMapper, vtkRenderer, vtkTextActor
 
-from . import compositing as comp
+from app.viewer import compositing as comp
 from . import vtk_adapter
 from ._vtkqt import QVTKRenderWindowInteractor
-from .slice_geometry import EDGE_LETTERS, PlaneGrid, make_plane, sample
+from app.viewer.slice_geometry import EDGE_LETTERS, PlaneGrid, make_plane, sample
 from .slice_interaction import SliceInteraction
-from .viewer_state import ViewerState
+from app.viewer.viewer_state import ViewerState
 
 BACKGROUND = (0.09, 0.09, 0.11)
 TITLE_COLOURS = {"axial": "#c0392b", "coronal": "#27ae60", "sagittal": "#d4ac0d"}  # Slicer's red/green/yellow
@@ -402,11 +402,18 @@ class SliceView(QWidget):
         vtk_adapter.segments_polydata(segs, 0.0, self._crosshair[0])
         self._crosshair[1].VisibilityOn()
 
+    def set_subtitle(self, text: str) -> None:
+        """Extra text at the end of the title bar (the window names the run on screen)."""
+        self._subtitle = str(text or "")
+        if self.plane is not None:
+            self._update_title()
+
     def _update_title(self) -> None:
         p = self.plane
         axis = {"axial": "S", "coronal": "A", "sagittal": "R"}[self.orientation]
+        sub = getattr(self, "_subtitle", "")
         self._title.setText(f"{self.orientation.capitalize()}   {axis} {p.offset:.1f} mm   "
-                            f"slice {p.slice_index + 1}/{p.slice_count}")
+                            f"slice {p.slice_index + 1}/{p.slice_count}" + (f"   ·   {sub}" if sub else ""))
 
     # ------------------------------------------------------------------ camera
     def fit(self) -> None:

@@ -31,8 +31,8 @@ from vtkmodules.vtkRenderingVolumeOpenGL2 import vtkSmartVolumeMapper
 
 from . import vtk_adapter
 from ._vtkqt import QVTKRenderWindowInteractor
-from .slice_geometry import PlaneGrid
-from .viewer_state import ViewerState
+from app.viewer.slice_geometry import PlaneGrid
+from app.viewer.viewer_state import ViewerState
 
 BACKGROUND = (0.09, 0.09, 0.11)
 BACKGROUND_TOP = (0.22, 0.24, 0.30)

@@ -1,6 +1,6 @@
 """Colour composition of one slice view: window/level, overlay modes, Jacobian map (numpy only).
 
-All inputs are 2D arrays on the pixels of one :class:`~app.widgets.slice_geometry.PlaneGrid`
+All inputs are 2D arrays on the pixels of one :class:`~app.viewer.slice_geometry.PlaneGrid`
 (row 0 = bottom of the screen); the output is an RGBA ``uint8`` image of the same shape.
 """
 from __future__ import annotations

@@ -16,30 +16,11 @@ import numpy as np
 from app.engine.types import LabelMap, Landmarks, RegistrationResult, Volume
 
 from .compositing import OVERLAY_MODES, auto_window
+from .events import Event, EventGroup  # noqa: F401 - Event is re-exported for old imports
 from .slice_geometry import PlaneGrid, plane_volume, sample, sample_point
 
 LAYERS = ("fixed", "moving", "fixed_labels", "moving_labels")
 INTERACTIONS = ("cursor", "window", "pick")
-
-
-class Event:
-    """A list of callbacks; ``emit`` calls them in order."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self._callbacks: list[Callable] = []
-
-    def connect(self, callback: Callable) -> None:
-        if callback not in self._callbacks:
-            self._callbacks.append(callback)
-
-    def disconnect(self, callback: Callable) -> None:
-        if callback in self._callbacks:
-            self._callbacks.remove(callback)
-
-    def emit(self, *args) -> None:
-        for cb in list(self._callbacks):
-            cb(*args)
 
 
 class Events:
