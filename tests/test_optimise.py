@@ -338,6 +338,8 @@ def test_bad_inputs_raise_clear_errors():
         optimise(fixed, moving, "rigid", levels=(4, 2, 1), iterations=(5, 5), device="cpu")
     with pytest.raises(ValueError, match=r"\(4, 3\) and \(3, 3\)"):
         optimise(fixed, moving, "rigid", landmarks=(np.zeros((4, 3)), np.zeros((3, 3)), 1.0), device="cpu")
+    with pytest.raises(ValueError, match="levels must be comma-separated integers"):
+        optimise(fixed, moving, "rigid", levels="4,x", device="cpu")
     with pytest.raises(ValueError, match="optimizer"):
         optimise(fixed, moving, "rigid", optimizer="sgd", device="cpu")
     with pytest.raises(ValueError, match="nothing to optimise"):

@@ -386,8 +386,8 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
     regulariser : 'diffusion' or 'bending'
         Smoothness of field models (ignored by linear models), weighted by ``weight``.
     levels : shrink factors of the fixed grid, coarse to fine (each level's grid is the fixed grid
-        box-averaged by that factor)
-    iterations : one number per level, or one number for every level
+        box-averaged by that factor); a sequence or ``"4,2,1"``
+    iterations : one number per level, or one number for every level (sequence or ``"60,30,10"``)
     optimizer : 'adam' or 'lbfgs' (L-BFGS with a strong-Wolfe line search, at most ``iterations``
         iterations per level; every function evaluation is reported)
     lr : step size; None = 0.1 voxels for fields, 1 mm for linear models
@@ -627,11 +627,13 @@ def _check_image(v: Volume, name: str) -> None:
 
 
 def _check_schedule(levels, iterations) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    lv = tuple(int(v) for v in np.atleast_1d(levels))
-    it = tuple(int(v) for v in np.atleast_1d(iterations))
-    if not lv or any(v < 1 or v > 64 for v in lv) or any(float(a) != b for a, b in zip(np.atleast_1d(levels), lv)):
-        raise ValueError(f"levels must be integer shrink factors between 1 and 64, got {levels!r}")
-    if any(v < 0 for v in it) or not it:
+    """Shrink factors and iterations per level (``"4,2,1"``, a number or a sequence each)."""
+    from .paradigms.base import parse_number_list
+    lv = parse_number_list(levels, int, "levels")
+    it = parse_number_list(iterations, int, "iterations")
+    if any(v < 1 or v > 64 for v in lv):
+        raise ValueError(f"levels must be shrink factors between 1 and 64, got {levels!r}")
+    if any(v < 0 for v in it):
         raise ValueError(f"iterations must be integers >= 0, got {iterations!r}")
     if len(it) == 1:
         it = it * len(lv)
