@@ -1,13 +1,18 @@
 """Command-line interface: argument parsing -> the same engine functions the GUI calls.
 
     main.py register FIXED MOVING --paradigm KEY --out DIR [options]
-    main.py evaluate --pairs PAIRS.csv --paradigm KEY --out DIR [options]
+    main.py register --pairs PAIRS.csv --paradigm KEY --out DIR [batch options]
+    main.py evaluate --pairs PAIRS.csv --paradigm KEY --out DIR [batch options]
     main.py train --paradigm KEY --out FILE [--steps N] [--param NAME=VALUE ...]
     main.py info FILE
     main.py convert INPUT OUTPUT [--dtype TYPE]
 
+Batch options: ``--workers N`` (local processes), ``--dask-scheduler ADDRESS|local:N``, ``--threads N``
+(per running pair), ``--resume``.
+
 Errors print one line (``error: ...``) on stderr and exit with status 1 (2 for usage errors);
-Ctrl+C cancels cleanly (status 130) without leaving partial files.
+Ctrl+C cancels cleanly (status 130) without leaving partial files. A batch whose every pair ran
+but some failed exits with status 3 (the failed pairs are rows with an ``error`` message).
 """
 from __future__ import annotations
 
@@ -57,13 +62,30 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "or learn2reg (area-weighted surfel HD95 of the surface-distance package, std log(J+3))")
 
 
+BATCH_FAILED = 3  # exit status: the batch ran, some pairs failed (rows with an error message)
+
+
+def _add_batch(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("batch (PAIRS.csv)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="register N pairs at a time in N local processes (threads per process: cores // N)")
+    g.add_argument("--dask-scheduler", metavar="ADDRESS",
+                   help="run the pairs on a Dask distributed cluster (tcp://host:8786), or on a local one "
+                        "of N workers (local:N); file paths must be visible to every worker")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads per running pair (default: cores // workers; 1 per Dask task)")
+    g.add_argument("--resume", action="store_true",
+                   help="skip pairs already finished in --out (same paradigm, parameters and inputs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="main.py", description="RegStation: medical image registration")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("register", help="register one pair")
-    r.add_argument("fixed")
-    r.add_argument("moving")
+    r = sub.add_parser("register", help="register one pair (FIXED MOVING), or every pair of a PAIRS.csv")
+    r.add_argument("fixed", nargs="?")
+    r.add_argument("moving", nargs="?")
+    r.add_argument("--pairs", help="CSV: fixed,moving[,fixed_labels,...]: register every pair into OUT/pairs/<id>/")
     _add_common(r)
     for opt in ("--fixed-labels", "--moving-labels", "--fixed-landmarks", "--moving-landmarks"):
         r.add_argument(opt)
@@ -74,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--error-map", nargs="?", const="consistency", choices=("consistency", "tta"),
                    help="also write DIR/error_map.nii.gz: the estimated registration error (mm) per fixed voxel "
                         "(consistency: register the reverse direction too; tta: spread over perturbed restarts)")
+    _add_batch(r)
 
     e = sub.add_parser("evaluate", help="register every pair of a PAIRS.csv and tabulate metrics")
     e.add_argument("--pairs", required=True, help="CSV: fixed,moving,fixed_labels,moving_labels,fixed_landmarks,moving_landmarks")
     _add_common(e)
+    _add_batch(e)
 
     t = sub.add_parser("train", help="train a learned paradigm")
     t.add_argument("--paradigm", help="learned paradigm to train (see --list-options)")
@@ -102,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_register(a) -> int:
+    if a.pairs:
+        return _run_batch(a, "register")
     from .engine import io
     from .engine.evaluation import register_and_measure, write_registration
     from .engine.paradigms import parse_param_args
@@ -141,8 +167,8 @@ def _print_summary(m: dict) -> None:
     print(f"Dice {f(b.get('dice_mean'), '.4f')} -> {f(m.get('dice_mean'), '.4f')} | "
           f"HD95 {f(b.get('hd95_mean'), '.2f')} -> {f(m.get('hd95_mean'), '.2f')} mm | "
           f"TRE {f(b.get('tre_mean_mm'), '.2f')} -> {f(m.get('tre_mean_mm'), '.2f')} mm | "
-          f"fold {100 * m.get('fold_fraction', 0):.3f} % | SDlogJ {f(m.get('sdlogj'), '.3f')} | "
-          f"{m.get('runtime_s', 0):.1f} s on {m.get('device')}")
+          f"fold {f(None if m.get('fold_fraction') is None else 100 * m['fold_fraction'], '.3f')} % | "
+          f"SDlogJ {f(m.get('sdlogj'), '.3f')} | {f(m.get('runtime_s'), '.1f')} s on {m.get('device')}")
 
 
 _CANCEL = threading.Event()
@@ -153,27 +179,56 @@ def _cancel_event() -> threading.Event:
 
 
 def _cmd_evaluate(a) -> int:
+    return _run_batch(a, "evaluate")
+
+
+def _run_batch(a, mode: str) -> int:
+    """``evaluate`` / ``register --pairs``: every pair of a manifest, failures as rows (status 3)."""
     from .engine import io
-    from .engine.evaluation import evaluate_pairs
+    from .engine.cohort import run_batch
     from .engine.paradigms import parse_param_args
+    from .engine.types import Cancelled
     pairs = io.read_pairs_csv(a.pairs)
     if not pairs:
         raise ValueError(f"{a.pairs} lists no pairs")
+    if a.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {a.workers}")
     from tqdm import tqdm
-    bar = tqdm(total=len(pairs), desc=f"evaluate [{a.paradigm}]", unit="pair", file=sys.stderr,
+    where = f"dask {a.dask_scheduler}" if a.dask_scheduler else f"{a.workers} worker{'s' * (a.workers > 1)}"
+    bar = tqdm(total=len(pairs), desc=f"{mode} [{a.paradigm}, {where}]", unit="pair", file=sys.stderr,
                disable=a.no_progress, dynamic_ncols=True)
 
-    def on_pair(i, row):
+    def on_result(rec, counts):
         bar.update(1)
-        bar.set_postfix_str(f"Dice {row['dice_mean'] if row['dice_mean'] is None else round(row['dice_mean'], 3)}")
+        dice = rec["row"].get("dice_mean")
+        last = "error" if rec["error"] else ("-" if dice is None else f"{dice:.3f}")
+        bar.set_postfix_str(f"failed {counts['failed']}, resumed {counts['resumed']}, last Dice {last}")
 
+    measure = {"metric_style": a.metrics}
+    if getattr(a, "error_map", None):  # register --pairs --error-map: one error map per pair
+        measure["error_map"] = a.error_map
     try:
-        rows, summary = evaluate_pairs(pairs, a.paradigm, parse_param_args(a.param), checkpoint=a.checkpoint,
-                                       device=a.device, out_dir=a.out, cancel=_cancel_event(), on_pair=on_pair,
-                                       metric_style=a.metrics)
+        rows, summary = run_batch(pairs, a.paradigm, parse_param_args(a.param), checkpoint=a.checkpoint,
+                                  device=a.device, out_dir=a.out, mode=mode, workers=a.workers,
+                                  dask_scheduler=a.dask_scheduler, threads=a.threads, resume=a.resume,
+                                  measure_options=measure, cancel=_cancel_event(),
+                                  on_result=on_result)
+    except KeyboardInterrupt:
+        _CANCEL.set()
+        raise Cancelled(f"cancelled by the user; finished pairs are kept in {a.out}/pairs "
+                        f"(run again with --resume to skip them)") from None
     finally:
         bar.close()
+    print(f"{summary['pairs']} of {len(pairs)} pairs: ", end="")
     _print_summary(summary)
+    if summary["resumed"]:
+        print(f"{summary['resumed']} of {len(pairs)} pairs were already done in {a.out} (--resume)")
+    if summary["failed"]:
+        errs = {f["error"] for f in summary["failed_pairs"]}
+        same = f": {errs.pop()}" if len(errs) == 1 else ""
+        print(f"error: {summary['failed']} of {len(pairs)} pairs failed{same} "
+              f"(see the error column of {Path(a.out) / 'results.csv'})", file=sys.stderr)
+        return BATCH_FAILED
     return 0
 
 
@@ -253,7 +308,24 @@ def _cmd_convert(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "register":
+        batch = [o for o, v in (("--workers", args.workers != 1), ("--dask-scheduler", args.dask_scheduler),
+                                ("--threads", args.threads), ("--resume", args.resume)) if v]
+        if args.pairs and (args.fixed or args.moving):
+            parser.error("register takes FIXED MOVING or --pairs PAIRS.csv, not both")
+        if not args.pairs and not (args.fixed and args.moving):
+            parser.error("register needs FIXED MOVING (one pair) or --pairs PAIRS.csv (a batch)")
+        single = [o for o in ("fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks")
+                  if getattr(args, o)]
+        if args.pairs and single:
+            parser.error(f"--{single[0].replace('_', '-')} is for one pair; with --pairs put it in the CSV's "
+                         f"{single[0]} column")
+        if args.pairs and (args.guide_fixed_landmarks or args.guide_moving_landmarks):
+            parser.error("--guide-fixed-landmarks/--guide-moving-landmarks are for one pair, not --pairs")
+        if batch and not args.pairs:
+            parser.error(f"{', '.join(batch)} only apply to a batch (--pairs PAIRS.csv)")
     cmd = {"register": _cmd_register, "evaluate": _cmd_evaluate, "train": _cmd_train,
            "info": _cmd_info, "convert": _cmd_convert}[args.command]
     from .engine.types import Cancelled

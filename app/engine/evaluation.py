@@ -159,14 +159,21 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
 
 
 # --------------------------------------------------------------------------- batches
-def load_pair(row: dict) -> dict:
-    """Read one PAIRS.csv row (paths) into Volumes / LabelMaps / Landmarks."""
+def load_pair(row: dict, *, fixed: Optional[Volume] = None, fixed_labels: Optional[LabelMap] = None) -> dict:
+    """Read one PAIRS.csv row (paths) into Volumes / LabelMaps / Landmarks.
+
+    ``fixed`` (and ``fixed_labels``, on the fixed grid) may be given already read, e.g. an atlas
+    shared by many pairs (:mod:`app.engine.cohort` keeps the last one per worker); the row's
+    ``fixed`` / ``fixed_labels`` paths are then not read again.
+    """
     from . import io
-    fixed = io.read_volume(row["fixed"])
+    if fixed is None:
+        fixed = io.read_volume(row["fixed"])
+        fixed_labels = None
     moving = io.read_volume(row["moving"])
-    out = {"fixed": fixed, "moving": moving, "fixed_labels": None, "moving_labels": None,
+    out = {"fixed": fixed, "moving": moving, "fixed_labels": fixed_labels, "moving_labels": None,
            "fixed_points": None, "moving_points": None}
-    if row.get("fixed_labels"):
+    if row.get("fixed_labels") and fixed_labels is None:
         out["fixed_labels"] = io.read_labels(row["fixed_labels"], reference=fixed)
     if row.get("moving_labels"):
         out["moving_labels"] = io.read_labels(row["moving_labels"])
@@ -214,31 +221,29 @@ def evaluate_pairs(pairs: list[dict], paradigm_key: str, params=None, *, checkpo
                    device: str = "auto", out_dir: str | os.PathLike | None = None,
                    progress: Optional[ProgressFn] = None, cancel: Optional[threading.Event] = None,
                    on_pair: Optional[Callable[[int, dict], None]] = None,
-                   metric_style: str = "regstation") -> tuple[list[dict], dict]:
+                   metric_style: str = "regstation", workers: int = 1,
+                   dask_scheduler: Optional[str] = None, threads: Optional[int] = None,
+                   resume: bool = False) -> tuple[list[dict], dict]:
     """Register and measure every pair; optionally write results.csv/json and summary.json.
 
-    ``pairs`` are PAIRS.csv rows (dicts of paths). Returns (rows, summary). Full per-pair metrics
-    (per-label Dice, per-point TRE) are kept in results.json; results.csv holds the flat columns.
+    ``pairs`` are PAIRS.csv rows (dicts of paths). Returns (rows, summary) in manifest order. A pair
+    that fails becomes a row whose ``error`` column holds the message (the batch goes on); the
+    summary is computed over the pairs that succeeded and counts the failed ones (``failed``).
+    Full per-pair metrics (per-label Dice, per-point TRE) are kept in results.json; results.csv
+    holds the flat columns. ``metric_style``: see :func:`register_and_measure`. ``workers`` /
+    ``dask_scheduler`` / ``threads`` / ``resume``: see :func:`app.engine.cohort.run_batch`, which does
+    the work.
     """
-    rows, full = [], []
-    for i, row in enumerate(pairs):
-        check_cancel(cancel)
-        data = load_pair(row)
-        _, m = register_and_measure(paradigm_key, data["fixed"], data["moving"], params, checkpoint=checkpoint,
-                                    device=device, progress=progress, cancel=cancel,
-                                    fixed_labels=data["fixed_labels"], moving_labels=data["moving_labels"],
-                                    fixed_points=data["fixed_points"], moving_points=data["moving_points"],
-                                    metric_style=metric_style)
-        flat = _flat_row(str(row["fixed"]), str(row["moving"]), m)
-        rows.append(flat)
-        full.append({"fixed": str(row["fixed"]), "moving": str(row["moving"]), **m})
+    from .cohort import run_batch
+
+    def on_result(rec, counts):
         if on_pair:
-            on_pair(i, flat)
-    summary = summarize(rows)
-    summary.update(paradigm=paradigm_key, checkpoint=str(checkpoint) if checkpoint else None, metric_style=metric_style)
-    if out_dir is not None:
-        write_evaluation(out_dir, rows, full, summary)
-    return rows, summary
+            on_pair(rec["index"], rec["row"])
+
+    return run_batch(pairs, paradigm_key, params, checkpoint=checkpoint, device=device, out_dir=out_dir,
+                     mode="evaluate", workers=workers, dask_scheduler=dask_scheduler, threads=threads,
+                     resume=resume, measure_options={"metric_style": metric_style}, progress=progress,
+                     cancel=cancel, on_result=on_result)
 
 
 def write_json(obj, path) -> None:
@@ -247,13 +252,19 @@ def write_json(obj, path) -> None:
         Path(tmp).write_text(json.dumps(to_jsonable(obj), indent=1, allow_nan=False))
 
 
+def _columns(rows: list[dict]) -> list[str]:
+    """Every key of the rows in order of first appearance, ``error`` last."""
+    cols = list(dict.fromkeys(k for r in rows for k in r)) or ["fixed", "moving"]
+    return [c for c in cols if c != "error"] + (["error"] if "error" in cols else [])
+
+
 def write_evaluation(out_dir, rows: list[dict], full: list[dict], summary: dict) -> None:
     from .io import atomic_path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "results.csv") as tmp:
         with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["fixed", "moving"])
+            w = csv.DictWriter(fh, fieldnames=_columns(rows), restval="")
             w.writeheader()
             w.writerows(rows)
     write_json(full, out / "results.json")

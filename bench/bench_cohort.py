@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Pairs per hour of a cohort batch with 1 worker vs N local workers, in one run.
+
+    .venv/bin/python bench/bench_cohort.py [--pairs 6] [--workers 1 2] [--paradigm iterative]
+        [--param NAME=VALUE ...] [--out bench/results/cohort_speedup.json]
+
+Runs ``app.engine.cohort.run_batch`` (the code behind ``main.py evaluate --workers N``) on the first
+``--pairs`` IXI test pairs of the project's split, with each worker count in turn, default
+parameters unless ``--param`` says otherwise. Workers = 1 runs in this process with every core's
+threads (SimpleITK's default); workers = N runs N processes with cores // N threads each. The wall
+time of each batch includes starting the worker processes. Reported: wall seconds, pairs/hour,
+speedup over the first configuration, mean Dice (the tables must agree), the load average before
+and after each batch, and the CPU seconds other processes took from the machine meanwhile
+(``/proc/stat`` busy time minus this benchmark's own): on a shared machine that number says how far
+to trust the speedup.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.engine.cohort import available_cores, run_batch  # noqa: E402
+from app.engine.datasets import ixi_paths, load_split  # noqa: E402
+from app.engine.io import read_pairs_csv  # noqa: E402
+from app.engine.paradigms import parse_param_args  # noqa: E402
+
+
+def write_pairs_csv(path: Path, n: int) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["fixed", "moving", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks"])
+        for f, m in load_split()["test_pairs"][:n]:
+            (fi, fl), (mi, ml) = ixi_paths(f), ixi_paths(m)
+            w.writerow([fi, mi, fl, ml, "", ""])
+    return path
+
+
+def cpu_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (all cores; /proc/stat)."""
+    with open("/proc/stat") as fh:
+        vals = [int(v) for v in fh.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its finished children (pool workers are joined at the end)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=6)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--paradigm", default="iterative")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cohort_speedup.json"))
+    a = ap.parse_args()
+    params = parse_param_args(a.param) or None
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cohort_"))
+    pairs = read_pairs_csv(write_pairs_csv(tmp / "pairs.csv", a.pairs))
+    runs = []
+    for n in a.workers:
+        load0, busy0, own0 = os.getloadavg(), cpu_busy_s(), own_cpu_s()
+        t0 = time.perf_counter()
+        rows, summary = run_batch(pairs, a.paradigm, params, workers=n, out_dir=tmp / f"w{n}", device="cpu")
+        wall = time.perf_counter() - t0
+        busy, own = cpu_busy_s() - busy0, own_cpu_s() - own0
+        run = {"workers": n, "threads_per_worker": available_cores() // n if n > 1 else available_cores(),
+               "pairs": len(rows), "failed": summary["failed"], "wall_s": round(wall, 2),
+               "pairs_per_hour": round(3600.0 * len(rows) / wall, 1),
+               "mean_runtime_s_per_pair": summary["runtime_s"], "dice_mean": summary["dice_mean"],
+               "loadavg_before": [round(x, 2) for x in load0],
+               "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+               "cpu_s_this_benchmark": round(own, 1), "cpu_s_other_processes": round(max(0.0, busy - own), 1),
+               "cpu_s_available": round(wall * available_cores(), 1)}
+        runs.append(run)
+        print(json.dumps(run), flush=True)
+    base = runs[0]["pairs_per_hour"]
+    for r in runs:
+        r["speedup"] = round(r["pairs_per_hour"] / base, 3)
+    result = {"what": f"{a.paradigm} ({'default parameters' if not params else params}) on the first "
+                      f"{a.pairs} IXI test pairs, evaluate mode (Dice + HD95 per pair), "
+                      f"run_batch with each worker count in turn, one run",
+              "command": ".venv/bin/python bench/bench_cohort.py " + " ".join(sys.argv[1:]),
+              "cores": available_cores(), "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "runs": runs,
+              "speedup": {f"{r['workers']} vs {runs[0]['workers']}": r["speedup"] for r in runs[1:]}}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["speedup"]), "->", a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
