@@ -49,6 +49,8 @@ def main() -> int:
     params = parse_param_args(a.param)
     pairs = io.read_pairs_csv(a.pairs)
     rows, summary = evaluate_pairs(pairs, a.paradigm, params, checkpoint=str(out), device="cpu")
+    if summary["failed"]:  # a card states numbers over every test pair, or none
+        raise SystemExit(f"{summary['failed']} test pairs failed: {summary['failed_pairs']}")
     card = {
         "paradigm": a.paradigm, "variant": a.variant or "default", "file": name,
         "network": raw["network"], "preprocessing": raw["preprocessing"], "training": raw["training"],

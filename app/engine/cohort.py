@@ -93,6 +93,8 @@ def _params_json(params) -> Any:
         return None
     if dataclasses.is_dataclass(params):
         return {"__class__": type(params).__qualname__, **dataclasses.asdict(params)}
+    if isinstance(params, (list, tuple)):  # one per stage of a pipeline
+        return [_params_json(p) for p in params]
     return dict(params)
 
 
@@ -170,25 +172,29 @@ def make_jobs(pairs: list[dict], paradigm: str, params=None, *, checkpoint=None,
 
 
 # --------------------------------------------------------------------------- worker side
-_THREADS: Optional[int] = None
+_THREADS: dict[str, Any] = {"n": None, "torch": False}
 
 
 def configure_threads(n: int) -> None:
     """Use ``n`` CPU threads in this process: OpenMP/MKL (torch) and SimpleITK; 0 leaves them be.
 
     Environment variables cover libraries imported later (torch reads OMP_NUM_THREADS when it
-    starts); torch is told directly when it is already imported.
+    starts); torch is told directly once it is imported (this is called before every pair).
     """
-    global _THREADS
-    if not n or n < 1 or _THREADS == n:
+    if not n or n < 1:
         return
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
-        os.environ[var] = str(n)
-    import SimpleITK as sitk
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(n)
-    _THREADS = n
+    torch = sys.modules.get("torch")
+    if _THREADS["n"] == n and (torch is None or _THREADS["torch"]):
+        return
+    if _THREADS["n"] != n:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+            os.environ[var] = str(n)
+        import SimpleITK as sitk
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    if torch is not None and hasattr(torch, "set_num_threads"):
+        torch.set_num_threads(n)
+    _THREADS.update(n=n, torch=torch is not None)
 
 
 def _init_pool_worker(threads: int) -> None:
@@ -579,17 +585,19 @@ def run_batch(pairs: list[dict], paradigm: str, params=None, *, checkpoint=None,
 
     records: dict[int, dict] = {}
     counts = {"done": 0, "failed": 0, "resumed": 0, "total": len(jobs)}
-    last_write = [0.0]
+    last_write = {"at": 0.0, "took": 0.0}
 
     def tables(final: bool) -> None:
+        # rewritten as pairs finish so that a running or killed batch shows its progress; at most
+        # every rewrite_every_s, and never more than ~5 % of the time for a very large cohort
         if out_dir is None:
             return
         now = time.monotonic()
-        if not final and now - last_write[0] < rewrite_every_s:
+        if not final and now - last_write["at"] < max(rewrite_every_s, 20.0 * last_write["took"]):
             return
         recs = [records[i] for i in sorted(records)]
         write_tables(out_dir, recs, batch_summary(recs, len(jobs), paradigm, checkpoint, executor, measure_options))
-        last_write[0] = now
+        last_write.update(at=time.monotonic(), took=time.monotonic() - now)
 
     def emit(rec: dict) -> None:
         records[rec["index"]] = rec
