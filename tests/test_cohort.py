@@ -119,7 +119,7 @@ def test_ten_pairs_two_broken(tmp_path):
     good = [x for x in rows if not x["error"]]
     assert len(good) == 8 and all(x["dice_mean"] != "" for x in good)
     s = json.loads((out / "summary.json").read_text())
-    assert s["pairs"] == 8 and s["pairs_total"] == 10 and s["failed"] == 2
+    assert s["pairs"] == 8 and s["pairs_total"] == 10 and s["failed"] == 2 and s["metric_style"] == "regstation"
     assert s["dice_mean"] == pytest.approx(np.mean([float(x["dice_mean"]) for x in good]))
     assert {f["id"] for f in s["failed_pairs"]} == {rows[3]["id"], rows[6]["id"]}
     full = json.loads((out / "results.json").read_text())
