@@ -261,6 +261,33 @@ class Engine(QObject):
             time.sleep(0.005)
         return not self._jobs
 
+    def wait(self, job: Job, timeout_ms: Optional[int] = None) -> bool:
+        """Keep the GUI's event loop running until ``job``'s callbacks have run (True) or
+        ``timeout_ms`` passed (False). For code that needs an engine call's answer before it
+        goes on (session restore, tests) without blocking the GUI thread in the work itself."""
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
+        app = QCoreApplication.instance()
+        while job.id in self._jobs:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            if app is not None:
+                app.processEvents()
+            if job.id in self._jobs:
+                time.sleep(0.002)
+        return True
+
+    def call(self, fn: Callable, *args, name: str = "", **kwargs):
+        """Run ``fn(*args, **kwargs)`` on the engine thread and return its value, keeping the
+        GUI's event loop running meanwhile; a failure is raised here as ``ValueError(message)``."""
+        out: dict = {}
+        job = self.submit(fn, *args, name=name, on_done=lambda v: out.setdefault("value", v),
+                          on_error=lambda m: out.setdefault("error", m),
+                          on_cancelled=lambda: out.setdefault("error", "cancelled"), **kwargs)
+        self.wait(job)
+        if "error" in out:
+            raise ValueError(out["error"])
+        return out.get("value")
+
     def cancel_all(self) -> None:
         for job in list(self._jobs.values()):
             job.cancel()

@@ -213,3 +213,42 @@ def test_sessions_keep_each_runs_recipe_and_stay_small(win, tmp_path, qtbot):
     w.save_session(path)
     assert not list((tmp_path / "s_runs").glob("run*"))
     w2.close()
+
+
+def test_files_are_read_and_written_on_the_engine_thread(win, files, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from PySide6.QtCore import QTimer
+
+    from app.widgets import main_window, session
+    w = win
+    threads, ticks = [], []
+    real_read, real_write = main_window.read_layer, session.write_session
+
+    def slow_read(*a, **k):
+        threads.append(threading.get_ident())
+        time.sleep(0.3)                      # the GUI keeps ticking meanwhile
+        return real_read(*a, **k)
+
+    def write(*a, **k):
+        threads.append(threading.get_ident())
+        return real_write(*a, **k)
+    monkeypatch.setattr(main_window, "read_layer", slow_read)
+    monkeypatch.setattr(session, "write_session", write)
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(20)
+    w.replace_policy = "clear"
+    assert w.load_layer("moving", files["other"])
+    w.save_session(tmp_path / "s.json")
+    timer.stop()
+    main = threading.main_thread().ident
+    assert len(threads) == 2 and main not in threads and len(set(threads)) == 1
+    assert len(ticks) >= 3
+    assert w.state.paths["moving"].endswith("other.nii.gz")
+    # not waiting: the call returns at once and the layer arrives later
+    assert w.load_layer("moving", files["moving"], wait=False)
+    assert w.state.paths["moving"].endswith("other.nii.gz")
+    w.engine.wait_idle(10000)
+    assert w.state.paths["moving"].endswith("moving.nii.gz")

@@ -355,26 +355,43 @@ class MainWindow(QMainWindow):
         tb.addAction(self.act_save_results)
 
     # ------------------------------------------------------------------ loading
-    def load_layer(self, role: str, path) -> bool:
-        """Read ``path`` into layer ``role``; on failure show why and keep everything as it was.
+    def load_layer(self, role: str, path, wait: bool = True) -> bool:
+        """Read ``path`` into layer ``role`` on the engine thread; on failure show why and keep
+        everything as it was.
 
         Replacing a loaded fixed or moving image makes its labels, its landmarks and every run
         stale: they are cleared, or kept when the user says so (:meth:`confirm_stale`).
-        Returns False when nothing was loaded (unreadable file, or the user cancelled)."""
+        ``wait``: keep the event loop running until the layer is in (the GUI stays live) and
+        return False when nothing was loaded (unreadable file, or the user cancelled); else
+        return at once (True: the read was queued)."""
         if role not in ROLE_TITLES:
             raise ValueError(f"unknown layer '{role}'; use one of {', '.join(ROLE_TITLES)}")
         ref = {"fixed_labels": self.state.fixed, "moving_labels": self.state.moving}.get(role)
-        QApplication.setOverrideCursor(Qt.WaitCursor)
-        try:
-            vol = read_layer(role, path, ref)
-            vol.name = vol.name or Path(path).name
-        except Exception as e:  # noqa: BLE001 - any reader failure becomes a message
+        outcome: dict = {}
+
+        def done(vol):
             QApplication.restoreOverrideCursor()
-            self.show_error(f"Could not open the {ROLE_TITLES[role]}", f"{Path(path).name}:\n{e}")
-            return False
-        QApplication.restoreOverrideCursor()
+            vol.name = vol.name or Path(path).name
+            outcome["ok"] = self._apply_layer(role, path, vol)
+
+        def failed(message):
+            QApplication.restoreOverrideCursor()
+            self.show_error(f"Could not open the {ROLE_TITLES[role]}", f"{Path(path).name}:\n{message}")
+            outcome["ok"] = False
+
+        QApplication.setOverrideCursor(Qt.BusyCursor)
+        self.statusBar().showMessage(f"Reading {Path(path).name}…")
+        job = self.engine.submit(read_layer, role, path, ref, name=f"read {role}", context=self,
+                                 on_done=done, on_error=failed, on_cancelled=lambda: failed("cancelled"))
+        if not wait:
+            return True
+        self.engine.wait(job)
+        return bool(outcome.get("ok"))
+
+    def _apply_layer(self, role: str, path, vol) -> bool:
         same_file = self.state.paths.get(role) == str(Path(path).resolve())
         if not same_file and not self._release_dependents(role, f"Loading {Path(path).name} as the {ROLE_TITLES[role]}"):
+            self.statusBar().showMessage(f"Kept the {ROLE_TITLES[role]}", 5000)
             return False
         try:
             self.state.set_layer(role, vol, str(Path(path).resolve()))
@@ -508,7 +525,7 @@ class MainWindow(QMainWindow):
     def _ask_open(self, role: str) -> None:
         path, _ = QFileDialog.getOpenFileName(self, f"Open {ROLE_TITLES[role]}", self.data_dir(), IMAGE_FILTER)
         if path:
-            self.load_layer(role, path)
+            self.load_layer(role, path, wait=False)
 
     # ------------------------------------------------------------------ drag and drop
     def dragEnterEvent(self, event) -> None:
@@ -702,8 +719,10 @@ class MainWindow(QMainWindow):
         return str(Path.home())
 
     def save_results(self, folder) -> list[Path]:
-        """Write the current run into ``folder`` (see :func:`app.widgets.session.save_results`)."""
-        written = session_io.save_results(self, folder)
+        """Write the current run into ``folder`` on the engine thread (see
+        :func:`app.widgets.session.write_results`)."""
+        written = self.engine.call(session_io.write_results, session_io.results_snapshot(self), folder,
+                                   name="save results")
         self.unsaved_results = False
         return written
 
@@ -720,7 +739,9 @@ class MainWindow(QMainWindow):
                 self.show_error("Could not save the results", str(e))
 
     def save_session(self, path) -> None:
-        session_io.save_session(self, path)
+        """Write the session (JSON and the runs' transforms) on the engine thread."""
+        self.engine.call(session_io.write_session, session_io.session_snapshot(self, path), path,
+                         name="save session")
         self._set_session_path(path)
         self.unsaved_results = False
 

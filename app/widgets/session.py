@@ -82,18 +82,26 @@ def session_dict(win: "MainWindow", path: Path) -> dict:
     return d
 
 
-def save_session(win: "MainWindow", path) -> Path:
-    """Write the session JSON (and the runs' transforms beside it, compactly: see
-    :mod:`app.viewer.transform_store`). Each run keeps its paradigm, parameters and checkpoint."""
-    from app.viewer.transform_store import write_transform_compact
+def session_snapshot(win: "MainWindow", path) -> tuple[dict, list]:
+    """GUI thread: the session dictionary and ``[(run index, run, result)]`` to write."""
     path = Path(path)
     d = session_dict(win, path)
+    return d, [(i, run, run["result"]) for i, run in enumerate(win.runs)]
+
+
+def write_session(snapshot: tuple[dict, list], path) -> Path:
+    """Any thread: write the session JSON and its runs' transforms (compactly: see
+    :mod:`app.viewer.transform_store`); each run keeps its paradigm, parameters, checkpoint and
+    pipeline stages. Run files the session no longer has are removed."""
+    from app.viewer.transform_store import write_transform_compact
+    d, runs = snapshot
+    path = Path(path)
     run_dir = path.with_name(path.stem + "_runs")
     written = set()
-    for i, run in enumerate(win.runs):
-        res = run["result"]
+    for i, run, res in runs:
         if res is None:
-            d["runs"].append({"name": run["name"], "transform": None, "summary": {}, "metrics": run["metrics"]})
+            d["runs"].append({"name": run["name"], "time": run["time"], "transform": None, "summary": {},
+                              "metrics": run["metrics"]})
             continue
         tfile = run_dir / f"run{i + 1}.npz"
         write_transform_compact(res.transform, tfile)
@@ -106,6 +114,11 @@ def save_session(win: "MainWindow", path) -> Path:
             if old.name not in written and old.suffix in (".npz", ".h5"):
                 old.unlink()
     return path
+
+
+def save_session(win: "MainWindow", path) -> Path:
+    """Write the session of ``win`` to ``path`` (on this thread)."""
+    return write_session(session_snapshot(win, path), path)
 
 
 def load_session(win: "MainWindow", path) -> None:
@@ -124,7 +137,7 @@ def load_session(win: "MainWindow", path) -> None:
     win.unload_all(ask=False)           # nothing of the previous work may mix with the session's
     for role in ("fixed", "moving", "fixed_labels", "moving_labels"):
         if role in d.get("files", {}):
-            win.load_layer(role, _abs(d["files"][role], base))
+            win.load_layer(role, _abs(d["files"][role], base), wait=True)
     ov = {k: v for k, v in d.get("overlay", {}).items() if k in {f.name for f in dataclasses.fields(st.overlay)}}
     if ov:
         st.set_overlay(**ov)
@@ -151,33 +164,44 @@ def load_session(win: "MainWindow", path) -> None:
         win.view3d.set_view_state(d["view3d"])
 
 
-def _restore_runs(win: "MainWindow", d: dict, base: Path) -> None:
-    """Rebuild each run from its transform: warped = moving resampled on the fixed grid."""
-    st = win.state
-    if not d.get("runs") or st.fixed is None or st.moving is None:
-        return
+def rebuild_runs(runs: list[dict], base: Path, fixed, moving) -> list[tuple[dict, object, str]]:
+    """Any thread: each saved run's result rebuilt from its transform (warped = moving resampled
+    on the fixed grid). Returns ``[(run dict, RegistrationResult or None, error or "")]``."""
     from app.engine import io, spatial
     from app.engine.types import RegistrationResult
     from app.viewer.transform_store import read_transform_compact
-    failed = []
-    for r in d["runs"]:
+    out = []
+    for r in runs:
         try:
             if not r.get("transform"):
                 raise ValueError("no transform was saved for this run")
             tpath = _abs(r["transform"], base)
             t = read_transform_compact(tpath) if tpath.suffix == ".npz" else io.read_transform(str(tpath))
             s = r.get("summary", {})
-            res = RegistrationResult(transform=t, warped=spatial.resample(st.moving, st.fixed, t),
+            res = RegistrationResult(transform=t, warped=spatial.resample(moving, fixed, t),
                                      timings=s.get("timings", {}), device=s.get("device", "cpu"),
                                      paradigm=s.get("paradigm", ""), params=s.get("params", {}),
                                      checkpoint_id=s.get("checkpoint"))
-            if s.get("stages"):
-                res.stages = s["stages"]
-            win.workspace.runs.add(res, r.get("metrics", {}), r.get("name"), select=False, time=r.get("time"))
+            if r.get("stages") or s.get("stages"):
+                res.stages = r.get("stages") or s.get("stages")
+            out.append((r, res, ""))
         except Exception as e:  # noqa: BLE001 - a missing run file must not stop the session
-            failed.append(f"{r.get('name', '?')}: {e}")
-            # kept without a result: its metrics stay readable and the indices match the file
-            win.workspace.runs.add(None, r.get("metrics", {}), r.get("name", "?"), select=False, time=r.get("time"))
+            out.append((r, None, str(e)))
+    return out
+
+
+def _restore_runs(win: "MainWindow", d: dict, base: Path) -> None:
+    """Rebuild the runs on the window's engine thread, then list them."""
+    st = win.state
+    if not d.get("runs") or st.fixed is None or st.moving is None:
+        return
+    rebuilt = win.engine.call(rebuild_runs, d["runs"], base, st.fixed, st.moving, name="restore runs")
+    failed = []
+    for r, res, err in rebuilt:
+        if err:
+            failed.append(f"{r.get('name', '?')}: {err}")
+        # a run that failed is kept without a result: its metrics stay readable
+        win.workspace.runs.add(res, r.get("metrics", {}), r.get("name") or "?", select=False, time=r.get("time"))
     if failed:
         win.show_error("Some runs could not be restored", "\n".join(failed))
 
@@ -204,34 +228,46 @@ def keep_previous_autosave(path: Path) -> Path | None:
     return backup
 
 
-def save_results(win: "MainWindow", folder) -> list[Path]:
-    """Write the current run: warped image, transform (.h5, plus .tfm when linear), displacement
-    field (mm, LPS; computed from the transform when the run has none), warped labels, landmarks
-    (.mrk.json) and metrics (JSON, plus the history of all runs) into ``folder``."""
+def results_snapshot(win: "MainWindow") -> dict:
+    """GUI thread: what :func:`write_results` writes (ValueError without a result)."""
     st = win.state
     if st.result is None:
         raise ValueError("there is no registration result to save; run a registration first")
-    from app.engine import io
-    from app.engine.evaluation import write_json, write_registration
     cur = win.workspace.runs.current_run
-    metrics = cur.metrics if cur is not None else {}
-    out = Path(folder)
-    written = list(write_registration(out, st.result, metrics))
-    if st.result.transform.is_linear:
-        io.write_transform(st.result.transform, out / "transform.tfm")
-        written.append(out / "transform.tfm")
-    if st.result.field is None and st.field() is not None:
-        io.write_field(st.field(), out / "field.nii.gz")
-        written.append(out / "field.nii.gz")
     lm = win.workspace.landmarks
-    for which, lms in (("fixed", lm.fixed_landmarks()), ("moving", lm.moving_landmarks())):
+    return {"result": st.result, "metrics": cur.metrics if cur is not None else {}, "fixed": st.fixed,
+            "landmarks": {"fixed": lm.fixed_landmarks(), "moving": lm.moving_landmarks()},
+            "runs": [{"name": r["name"], "summary": r["result"].summary() if r["result"] is not None else {},
+                      "metrics": r["metrics"]} for r in win.runs]}
+
+
+def write_results(snap: dict, folder) -> list[Path]:
+    """Any thread: the current run's warped image, transform (.h5, plus .tfm when linear),
+    displacement field (mm, LPS; computed from the transform when the run has none), warped
+    labels, landmarks (.mrk.json) and metrics (JSON, plus the history of all runs)."""
+    from app.engine import io, spatial
+    from app.engine.evaluation import write_json, write_registration
+    res = snap["result"]
+    out = Path(folder)
+    written = list(write_registration(out, res, snap["metrics"]))
+    if res.transform.is_linear:
+        io.write_transform(res.transform, out / "transform.tfm")
+        written.append(out / "transform.tfm")
+    if res.field is None and snap["fixed"] is not None:
+        io.write_field(spatial.transform_to_field(res.transform, snap["fixed"]), out / "field.nii.gz")
+        written.append(out / "field.nii.gz")
+    for which, lms in snap["landmarks"].items():
         if len(lms):
             io.write_landmarks(lms, out / f"{which}_landmarks.mrk.json")
             written.append(out / f"{which}_landmarks.mrk.json")
-    write_json({"runs": [{"name": r["name"], "summary": r["result"].summary() if r["result"] is not None else {},
-                          "metrics": r["metrics"]} for r in win.runs]}, out / "runs.json")
+    write_json({"runs": snap["runs"]}, out / "runs.json")
     written.append(out / "runs.json")
     return written
+
+
+def save_results(win: "MainWindow", folder) -> list[Path]:
+    """Write the current run of ``win`` into ``folder`` (on this thread)."""
+    return write_results(results_snapshot(win), folder)
 
 
 def is_label_name(name: str) -> bool:
