@@ -53,7 +53,7 @@ class FakeRegistrar:
     Params: ClassVar[type] = FakeParams
 
     def register(self, fixed, moving, params, *, fixed_labels=None, moving_labels=None, fixed_points=None,
-                 moving_points=None, checkpoint=None, progress=None, cancel=None, device="auto"):
+                 moving_points=None, checkpoint=None, initial=None, progress=None, cancel=None, device="auto"):
         CALLS.append({"thread": threading.get_ident(), "checkpoint": checkpoint, "device": device})
         n = params.iterations
         for i in range(n):
@@ -66,6 +66,8 @@ class FakeRegistrar:
         if params.fail == "oom":
             raise MemoryError("Unable to allocate 12.0 GiB for an array")
         t = Transform(sitk.TranslationTransform(3, (SHIFT_MM, 0.0, 0.0)), "rigid")
+        if initial is not None:          # a later pipeline stage refines the previous transform
+            t = initial.then(t)
         from app.engine.spatial import resample
         return RegistrationResult(t, resample(moving, fixed, t), timings={"total": 0.01}, device="cpu",
                                   paradigm=self.key, params=params_to_dict(params), checkpoint_id=checkpoint)
@@ -572,4 +574,36 @@ def test_diffeomorphic_option_follows_the_bundled_variant(qtbot, monkeypatch, tm
     qtbot.waitUntil(lambda: not panel._probing, timeout=60000)
     panel.set_params(UnsupervisedParams(diffeomorphic=False))
     assert panel.checkpoint == own
+    _wait_idle(qtbot)
+
+
+def test_then_chain_builds_a_pipeline_with_a_form_per_stage(qtbot, fake_paradigms, monkeypatch):
+    from app.widgets import registration_panel as rp
+    monkeypatch.setattr(rp, "_probe_cuda", lambda: False)
+    panel, metrics = _panel(qtbot)
+    panel.show()
+    assert panel.paradigm_key == "fake" and len(panel.forms) == 1
+    assert panel.then_combos[0].isVisible() and not panel.then_combos[1].isVisible()
+    panel.then_combo.setCurrentIndex(panel.then_combo.findData("fake"))        # as the user picks it
+    assert panel.paradigm_key == "fake+fake" and len(panel.forms) == 2 and panel.is_pipeline
+    assert panel.then_combos[1].isVisible() and "Pipeline" in panel.description_label.text()
+    panel.set_params([FakeParams(iterations=3), FakeParams(iterations=4)])
+    assert [p.iterations for p in panel.params()] == [3, 4]
+    with qtbot.waitSignal(panel.run_finished, timeout=20000) as sig:
+        assert panel.run()
+    result, m = sig.args
+    # one run, its stages listed: two translations of 2 mm compose to 4 mm
+    assert result.paradigm == "fake+fake" and [s["paradigm"] for s in result.stages] == ["fake", "fake"]
+    assert [s["params"]["iterations"] for s in result.stages] == [3, 4]
+    np.testing.assert_allclose(result.transform.transform_points([[0.0, 0.0, 0.0]]), [[2 * SHIFT_MM, 0, 0]], atol=1e-9)
+    assert len(metrics.runs()) == 1 and "fake → fake" in metrics.history.item(0).toolTip()
+    assert metrics.model[0].name.startswith("fake → fake") or metrics.model[0].name.endswith("fake")
+    assert len(metrics.model[0].stages) == 2
+    # back to a single paradigm, and a pipeline set by key
+    panel.set_paradigm("fake")
+    assert panel.paradigm_key == "fake" and len(panel.forms) == 1
+    panel.set_paradigm("fake+fake+fake")
+    assert panel.stage_keys() == ["fake"] * 3 and len(panel.forms) == 3
+    with pytest.raises(ValueError, match="not in the list"):
+        panel.set_paradigm("fake+nope")
     _wait_idle(qtbot)

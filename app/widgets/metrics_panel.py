@@ -374,7 +374,15 @@ class MetricsPanel(QWidget):
             rt = _num(m.get("runtime_s"))
             par = m.get("paradigm") or ""
             name = run["name"] if par in run["name"] else f"{run['name']} ({par or '?'})"
-            self.info_label.setText(f"{name} · {m.get('device') or '?'}" + (f" · {rt:.1f} s" if rt is not None else ""))
+            text = f"{name} · {m.get('device') or '?'}" + (f" · {rt:.1f} s" if rt is not None else "")
+            stages = getattr(run, "stages", [])
+            if len(stages) > 1:     # a pipeline: one run, its stages listed with their times
+                parts = []
+                for i, st in enumerate(stages):
+                    secs = _num((st.get("timings") or {}).get("total"))
+                    parts.append(f"{i + 1}. {st.get('paradigm')}" + (f" ({secs:.1f} s)" if secs is not None else ""))
+                text += "\nstages: " + " → ".join(parts)
+            self.info_label.setText(text)
 
     def _fill_summary(self, run: Optional[dict]) -> None:
         t = self.summary_table

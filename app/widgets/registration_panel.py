@@ -38,6 +38,7 @@ _CURVE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564
 _NO_LOSS_STAGES = ("done", "evaluate", "load", "resample")
 _POSE_NAMES = ("tx mm", "ty mm", "tz mm", "rx deg", "ry deg", "rz deg")   # Progress.pose (the agent)
 _ERROR_STYLE = "color: #b00020;"
+MAX_STAGES = 3               # paradigm + two "then" stages
 REGISTRATION_SHARE = 0.9      # of the progress bar; the metrics stage fills the rest
 
 
@@ -161,7 +162,8 @@ class RegistrationPanel(QWidget):
         self._curves: dict[str, tuple] = {}
         self._x = 0
         self._pose_curves: list = []     # six (item, xs, ys): the agent's pose per step
-        self.form: Optional[ParamsForm] = None
+        self.form: Optional[ParamsForm] = None       # the first stage's form
+        self.forms: list[ParamsForm] = []
 
         # -- paradigm
         self.paradigm_combo = QComboBox()
@@ -170,6 +172,18 @@ class RegistrationPanel(QWidget):
             self.paradigm_combo.addItem(k, k)
             self.paradigm_combo.setItemData(self.paradigm_combo.count() - 1,
                                             paradigms.description(k), Qt.ToolTipRole)
+        # "then": a pipeline A+B(+C), each stage starting from the previous transform
+        self.then_combos: list[QComboBox] = []
+        for _ in range(MAX_STAGES - 1):
+            c = QComboBox()
+            c.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            c.addItem("none", None)
+            for k in (keys if keys is not None else paradigms.available()):
+                c.addItem(k, k)
+            c.setToolTip("Run another paradigm after this one, starting from its transform "
+                         "(one composite transform, one resampling at the end)")
+            self.then_combos.append(c)
+        self.then_combo = self.then_combos[0]
         self.description_label = QLabel()
         self.description_label.setWordWrap(True)
         self.description_label.setStyleSheet("color: #555;")
@@ -235,7 +249,7 @@ class RegistrationPanel(QWidget):
         self.loss_plot = pg_.PlotWidget()
         self.loss_plot.setBackground("w")
         self.loss_plot.setMinimumHeight(130)
-        self.loss_plot.setLabel("left", "loss (each stage scaled 0-1)")
+        self.loss_plot.setLabel("left", "loss, per stage 0-1")
         self.loss_plot.setLabel("bottom", "iteration (all stages)")
         self.loss_plot.showGrid(x=True, y=True, alpha=0.25)
         self.loss_plot.setMouseEnabled(x=False, y=False)
@@ -246,6 +260,11 @@ class RegistrationPanel(QWidget):
         top = QFormLayout()
         top.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
         top.addRow("Paradigm", self.paradigm_combo)
+        self._then_rows = []
+        for c in self.then_combos:
+            lab = QLabel("then")
+            top.addRow(lab, c)
+            self._then_rows.append((lab, c))
         top.addRow(self.description_label)
         buttons = QHBoxLayout()
         buttons.addWidget(QLabel("Device"))
@@ -259,7 +278,7 @@ class RegistrationPanel(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(top)
         lay.addWidget(self.checkpoint_group)
-        lay.addWidget(self.params_group, 3)
+        lay.addWidget(self.params_group, 5)
         lay.addLayout(buttons)
         lay.addWidget(self.progress_bar)
         lay.addLayout(times)
@@ -272,6 +291,8 @@ class RegistrationPanel(QWidget):
         self._tick.timeout.connect(self._on_tick)
 
         self.paradigm_combo.currentIndexChanged.connect(self._on_paradigm_change)
+        for c in self.then_combos:
+            c.currentIndexChanged.connect(self._on_paradigm_change)
         self.checkpoint_combo.activated.connect(self._on_checkpoint_change)
         self.open_checkpoint_button.clicked.connect(self._on_open_checkpoint)
         self.defaults_button.clicked.connect(self._on_defaults)
@@ -289,15 +310,47 @@ class RegistrationPanel(QWidget):
     def is_running(self) -> bool:
         return self._worker is not None
 
+    def stage_keys(self) -> list[str]:
+        """The paradigm, then each "then" stage: ``["unsupervised", "instance"]``."""
+        first = self.paradigm_combo.currentData()
+        if first is None:
+            return []
+        out = [first]
+        for c in self.then_combos:
+            k = c.currentData()
+            if k is None:
+                break
+            out.append(k)
+        return out
+
     @property
     def paradigm_key(self) -> Optional[str]:
-        return self.paradigm_combo.currentData()
+        """The registry key, ``"A+B"`` for a pipeline (:mod:`app.engine.pipeline`)."""
+        keys = self.stage_keys()
+        return "+".join(keys) if keys else None
+
+    @property
+    def is_pipeline(self) -> bool:
+        return len(self.stage_keys()) > 1
 
     def set_paradigm(self, key: str) -> None:
-        i = self.paradigm_combo.findData(key)
-        if i < 0:
-            raise ValueError(f"paradigm '{key}' is not in the list: {self._keys()}")
-        self.paradigm_combo.setCurrentIndex(i)
+        """Choose a paradigm, or a pipeline ``"A+B"`` (up to :data:`MAX_STAGES` stages)."""
+        keys = [k.strip() for k in str(key).split("+")]
+        if len(keys) > MAX_STAGES:
+            raise ValueError(f"the panel runs pipelines of up to {MAX_STAGES} stages, got {key!r}")
+        for k in keys:
+            if self.paradigm_combo.findData(k) < 0:
+                raise ValueError(f"paradigm '{k}' is not in the list: {self._keys()}")
+        combos = [self.paradigm_combo] + self.then_combos
+        for c in combos:
+            c.blockSignals(True)
+        try:
+            for i, c in enumerate(combos):
+                c.setCurrentIndex(c.findData(keys[i]) if i < len(keys) else 0)
+        finally:
+            for c in combos:
+                c.blockSignals(False)
+        self._on_paradigm_change()
 
     @property
     def device(self) -> str:
@@ -324,21 +377,36 @@ class RegistrationPanel(QWidget):
         self._checkpoint = str(path) if path else None
         self._start_checkpoint_probe()
 
+    def _learned_stage(self) -> tuple[Optional[int], Optional[str]]:
+        """(index, key) of the learned stage (the checkpoint row is its), or (None, None)."""
+        for i, k in enumerate(self.stage_keys()):
+            if getattr(self._registrars.get(k), "learned", False):
+                return i, k
+        return None, None
+
     @property
     def is_learned(self) -> bool:
-        reg = self._registrars.get(self.paradigm_key)
-        return bool(getattr(reg, "learned", False))
+        return self._learned_stage()[1] is not None
 
     def params(self):
-        """The form's validated Params instance (ValueError when a field is invalid)."""
+        """The forms' validated values: a Params instance, or one per stage for a pipeline
+        (ValueError when a field is invalid)."""
         if self.form is None:
             raise ValueError("no paradigm is available")
+        if len(self.forms) > 1:
+            return [f.values() for f in self.forms]
         return self.form.values()
 
     def set_params(self, params) -> None:
-        if self.form is not None:
+        """A Params instance or dict for the first stage, or a list with one per stage."""
+        if self.form is None:
+            return
+        if isinstance(params, (list, tuple)):
+            for f, p in zip(self.forms, params):
+                f.set_values(p)
+        else:
             self.form.set_values(params)
-            self._on_form_changed()
+        self._on_form_changed()
 
     def loss_curve_data(self) -> tuple[list[float], list[float]]:
         """All plotted loss points (x = running iteration over stages, y = loss)."""
@@ -372,7 +440,8 @@ class RegistrationPanel(QWidget):
             self._show_status(workers.error_message(e), error=True)
             self.run_failed.emit(workers.error_message(e))
             return False
-        self._saved_params[key] = params
+        for k, p in zip(self.stage_keys(), params if isinstance(params, list) else [params]):
+            self._saved_params[k] = p
         w = workers.RegistrationRun(key, inputs, params, checkpoint=self._checkpoint if self.is_learned else None,
                                     device=self.device, min_interval_s=self._progress_interval_s)
         w.progress.connect(self._on_worker_progress)
@@ -430,15 +499,24 @@ class RegistrationPanel(QWidget):
     def _keys(self) -> list[str]:
         return [self.paradigm_combo.itemData(i) for i in range(self.paradigm_combo.count())]
 
+    def _show_then_rows(self) -> None:
+        # a "then" row appears once the row above it names a stage
+        show = self.paradigm_combo.currentData() is not None
+        for lab, c in self._then_rows:
+            lab.setVisible(show)
+            c.setVisible(show)
+            show = show and c.currentData() is not None
+
     @Slot()
     def _on_paradigm_change(self, *_):
-        if self.form is not None and self._current_form_key is not None:
+        for f, k in zip(self.forms, self._form_keys):
             try:
-                self._saved_params[self._current_form_key] = self.form.raw_values()
+                self._saved_params[k] = f.raw_values()
             except Exception:  # noqa: BLE001
                 pass
-        key = self.paradigm_key
-        self._current_form_key = None
+        self._show_then_rows()
+        keys = self.stage_keys()
+        self._form_keys = []
         self._registrar_error = None
         self._probe_gen += 1            # a checkpoint probe still running belongs to the old paradigm
         self._probing = False
@@ -447,26 +525,50 @@ class RegistrationPanel(QWidget):
         old = self.params_scroll.takeWidget()
         if old is not None:
             old.deleteLater()
-        self.form = None
-        if key is None:
+        self.form, self.forms = None, []
+        if not keys:
             self.description_label.setText("No registration paradigm is registered.")
             self.checkpoint_group.setVisible(False)
             self._update_enabled()
             return
-        self.description_label.setText(paradigms.description(key))
         try:
-            reg = self._registrars.get(key) or paradigms.get(key)
-            self._registrars[key] = reg
-            self.form = ParamsForm(reg.Params)
-            if key in self._saved_params:
-                self.form.set_values(self._saved_params[key])
-            self.form.changed.connect(self._on_form_changed)
-            self.params_scroll.setWidget(self.form)
-            self._current_form_key = key
-            desc = getattr(reg, "description", "") or paradigms.description(key)
+            regs = []
+            for k in keys:
+                reg = self._registrars.get(k) or paradigms.get(k)
+                self._registrars[k] = reg
+                regs.append(reg)
+            learned = [k for k, r in zip(keys, regs) if getattr(r, "learned", False)]
+            if len(learned) > 1:
+                raise ValueError(f"this panel runs pipelines with one learned stage (checkpoint) at most; "
+                                 f"{' and '.join(learned)} are both learned")
+            box = QWidget()
+            lay = QVBoxLayout(box)
+            lay.setContentsMargins(0, 0, 0, 0)
+            for i, (k, reg) in enumerate(zip(keys, regs)):
+                form = ParamsForm(reg.Params)
+                if k in self._saved_params:
+                    form.set_values(self._saved_params[k])
+                form.changed.connect(self._on_form_changed)
+                if len(keys) > 1:
+                    head = QLabel(f"<b>Stage {i + 1}: {k}</b>")
+                    head.setToolTip(getattr(reg, "description", "") or paradigms.description(k))
+                    lay.addWidget(head)
+                lay.addWidget(form)
+                self.forms.append(form)
+            lay.addStretch(1)
+            self.form = self.forms[0]
+            self._form_keys = list(keys)
+            self.params_scroll.setWidget(box)
+            if len(keys) == 1:
+                desc = getattr(regs[0], "description", "") or paradigms.description(keys[0])
+            else:
+                desc = (f"Pipeline: {', then '.join(keys)}. Each stage starts from the previous one's transform; "
+                        f"the moving image is resampled once, through the whole chain.")
             self.description_label.setText(desc)
         except Exception as e:  # noqa: BLE001 - a broken paradigm module is a message
-            self._registrar_error = f"paradigm '{key}' cannot be loaded: {workers.error_message(e)}"
+            self.form, self.forms = None, []
+            self._registrar_error = (f"{'pipeline' if len(keys) > 1 else 'paradigm'} '{'+'.join(keys)}' cannot be "
+                                     f"used: {workers.error_message(e)}")
             self.description_label.setText(self._registrar_error)
             self.description_label.setStyleSheet(_ERROR_STYLE)
             self.checkpoint_group.setVisible(False)
@@ -475,18 +577,23 @@ class RegistrationPanel(QWidget):
         self.description_label.setStyleSheet("color: #555;")
         learned = self.is_learned
         self.checkpoint_group.setVisible(learned)
+        if learned:
+            self.checkpoint_group.setTitle(f"Checkpoint ({self._learned_stage()[1]})" if len(keys) > 1 else "Checkpoint")
         self._checkpoint = None
         self._checkpoint_error = None
         if learned:
             self._start_checkpoint_probe()
-        if learned or getattr(reg, "uses_torch", False):
+        if learned or any(getattr(r, "uses_torch", False) for r in regs):
             self._ensure_cuda_probe()
         self._update_enabled()
 
-    _current_form_key: Optional[str] = None
+    _form_keys: list = []
+
 
     def _start_checkpoint_probe(self) -> None:
-        key = self.paradigm_key
+        key = self._learned_stage()[1]
+        if key is None:
+            return
         self._probe_gen += 1
         gen = self._probe_gen
         self._probing = True
@@ -504,13 +611,13 @@ class RegistrationPanel(QWidget):
     def _bundled_default(self) -> Optional[str]:
         """The bundled checkpoint matching the form: ``<key>.pt``, or ``<key>_diffeomorphic.pt`` when
         the paradigm has a ``diffeomorphic`` option and it is on (None when there is none)."""
-        key = self.paradigm_key
+        idx, key = self._learned_stage()
         if key is None:
             return None
         variant = ""
-        if self.form is not None:
+        if idx < len(self.forms):
             try:
-                variant = "diffeomorphic" if getattr(self.form.values(), "diffeomorphic", False) else ""
+                variant = "diffeomorphic" if getattr(self.forms[idx].values(), "diffeomorphic", False) else ""
             except Exception:  # noqa: BLE001 - a half-typed value: keep the plain default
                 variant = ""
         path = cards.bundled_path(key, variant)
@@ -547,7 +654,7 @@ class RegistrationPanel(QWidget):
             self.checkpoint_status.setText(self._checkpoint_error)
         else:
             self.checkpoint_status.setStyleSheet("")
-            self.checkpoint_status.setText(f"{Path(chosen).name} fits '{self.paradigm_key}'")
+            self.checkpoint_status.setText(f"{Path(chosen).name} fits '{self._learned_stage()[1]}'")
         self._update_enabled()
 
     @Slot()
@@ -581,8 +688,8 @@ class RegistrationPanel(QWidget):
 
     @Slot()
     def _on_defaults(self):
-        if self.form is not None:
-            self.form.reset()
+        for f in self.forms:
+            f.reset()
 
     # ================================================================ worker signals
     @Slot(object)
@@ -678,7 +785,7 @@ class RegistrationPanel(QWidget):
         for item, _, _ in self._pose_curves:
             self.loss_plot.removeItem(item)
         self._pose_curves = []
-        self.loss_plot.setLabel("left", "loss (each stage scaled 0-1)")
+        self.loss_plot.setLabel("left", "loss, per stage 0-1")
         self.loss_plot.setTitle(None)
         self._curves = {}
         self._loss_seen = 0
@@ -747,9 +854,11 @@ class RegistrationPanel(QWidget):
         self.run_button.setEnabled(ok and not running)
         self.cancel_button.setEnabled(running and not (self._worker and self._worker.cancel_requested))
         self.paradigm_combo.setEnabled(not running)
+        for c in self.then_combos:
+            c.setEnabled(not running)
         self.checkpoint_combo.setEnabled(not running)
         self.open_checkpoint_button.setEnabled(not running)
         self.defaults_button.setEnabled(not running)
         self.device_combo.setEnabled(not running)
-        if self.form is not None:
-            self.form.setEnabled(not running)
+        for f in self.forms:
+            f.setEnabled(not running)
