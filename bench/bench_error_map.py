@@ -57,6 +57,9 @@ def run_case(method: str, params: dict, fixed, moving, fixed_labels, truth, est_
         d = E.local_dissimilarity(fixed, res.warped)
         est = E.A_IC * ic + E.B_DISSIM * d
         parts = {"ic": ic, "d": d}
+    elif est_method == "dissimilarity":
+        d = E.local_dissimilarity(fixed, res.warped)
+        est = E.B_ONLY * d
     else:
         vol, _ = E.estimate_error_map(method, fixed, moving, res, params, method="tta", device="cpu")
         est = vol.array
@@ -84,7 +87,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["iterative", "weakly"])
     ap.add_argument("--subjects", type=int, default=5)
     ap.add_argument("--calibrate", action="store_true", help="fit a, b on training subjects (consistency)")
-    ap.add_argument("--estimators", nargs="+", default=["consistency"])
+    ap.add_argument("--estimators", nargs="+", default=["consistency"], choices=E.METHODS)
     ap.add_argument("--out", default="bench/results/error_map.json")
     a = ap.parse_args()
     split = D.load_split()
@@ -108,7 +111,8 @@ def main() -> None:
         X = np.stack([np.concatenate(pool["ic"]), np.concatenate(pool["d"])], 1)
         y = np.concatenate(pool["true"])
         coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-        out["fit"] = {"A_IC": float(coef[0]), "B_DISSIM": float(coef[1])}
+        only, *_ = np.linalg.lstsq(X[:, 1:], y, rcond=None)
+        out["fit"] = {"A_IC": float(coef[0]), "B_DISSIM": float(coef[1]), "B_ONLY": float(only[0])}
         print("fit", out["fit"])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))

@@ -51,8 +51,11 @@ def test_local_dissimilarity_is_zero_for_identical_images_and_high_where_they_di
     assert E.local_dissimilarity(grid, grid).max() < 1e-3
     other = grid.array.copy()
     other[5:10, 5:10, 5:10] = other[5:10, 5:10, 5:10][::-1, ::-1, ::-1]      # a scrambled cube
-    d = E.local_dissimilarity(grid, grid.with_array(other))
+    d = E.local_dissimilarity(grid, grid.with_array(other), smooth_mm=0.0)
     assert d[7, 7, 7] > 0.3 and d[15, 17, 19] < 1e-3
+    smooth = E.local_dissimilarity(grid, grid.with_array(other))           # smoothed: still peaks there
+    assert np.unravel_index(np.argmax(smooth), smooth.shape) in {(z, y, x) for z in range(4, 11)
+                                                                 for y in range(4, 11) for x in range(4, 11)}
     with pytest.raises(ValueError, match="share the grid"):
         E.local_dissimilarity(grid, Volume(np.zeros((4, 4, 4), np.float32), (1, 1, 1)))
 
@@ -99,7 +102,7 @@ def test_estimate_error_map_end_to_end_with_a_known_answer(monkeypatch):
     assert info["error_map_p95_mm"] >= info["error_map_mean_mm"] > 0
     clean, _ = E.estimate_error_map("t_known", fixed, moving, res, {"inject": "false"})
     assert np.median(np.abs(clean.array - E.B_DISSIM * E.local_dissimilarity(fixed, res.warped))) < 1e-3
-    with pytest.raises(ValueError, match="consistency, tta"):
+    with pytest.raises(ValueError, match="consistency, dissimilarity, tta"):
         E.estimate_error_map("t_known", fixed, moving, res, method="nope")
 
 
