@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guide points (fixed) the result must honour: a smooth local correction moves each onto "
                         "its partner in --guide-moving-landmarks (kept apart from the evaluation landmarks)")
     r.add_argument("--guide-moving-landmarks", metavar="M", help="guide points (moving), matched to F by order")
-    r.add_argument("--error-map", nargs="?", const="consistency", choices=("consistency", "dissimilarity", "tta"),
+    r.add_argument("--error-map", nargs="?", const="dissimilarity", choices=("consistency", "dissimilarity", "tta"),
                    help="also write DIR/error_map.nii.gz: the estimated registration error (mm) per fixed voxel "
                         "(consistency: register the reverse direction too; dissimilarity: local 1 - LNCC after "
                         "warping, seconds; tta: spread over perturbed restarts)")

@@ -94,14 +94,17 @@ def test_estimate_error_map_end_to_end_with_a_known_answer(monkeypatch):
     KnownFieldRegistrar.fixed_grid = fixed
     monkeypatch.setitem(paradigms.REGISTRY, "t_known", f"{__name__}:KnownFieldRegistrar")
     res = KnownFieldRegistrar().register(fixed, moving)
-    vol, info = E.estimate_error_map("t_known", fixed, moving, res, {"inject": "true"})
+    vol, info = E.estimate_error_map("t_known", fixed, moving, res, {"inject": "true"}, method="consistency")
     assert vol.shape == fixed.shape and vol.spacing == fixed.spacing
     assert np.allclose(vol.direction, fixed.direction)
     # the reverse bump sits at moving-grid voxel (11, 10, 9): the fixed point mapped there lies 2, 1, -1 mm off
     assert vol.array.max() > 1.5 and info["error_map_method"] == "consistency"
     assert info["error_map_p95_mm"] >= info["error_map_mean_mm"] > 0
-    clean, _ = E.estimate_error_map("t_known", fixed, moving, res, {"inject": "false"})
+    clean, _ = E.estimate_error_map("t_known", fixed, moving, res, {"inject": "false"}, method="consistency")
     assert np.median(np.abs(clean.array - E.B_DISSIM * E.local_dissimilarity(fixed, res.warped))) < 1e-3
+    quick, qinfo = E.estimate_error_map("t_known", fixed, moving, res)       # default: dissimilarity alone
+    np.testing.assert_allclose(quick.array, E.B_ONLY * E.local_dissimilarity(fixed, res.warped), rtol=1e-6)
+    assert qinfo["error_map_method"] == "dissimilarity"
     with pytest.raises(ValueError, match="consistency, dissimilarity, tta"):
         E.estimate_error_map("t_known", fixed, moving, res, method="nope")
 
@@ -144,7 +147,7 @@ def test_cli_register_writes_an_error_map_and_honours_guides(tmp_path):
         (tmp_path / name).write_text("x,y,z\n" + "".join(f"{p[0]},{p[1]},{p[2]}\n" for p in pts))
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "main.py", "register", files["fixed"], files["moving"], "--paradigm",
-                        "iterative", "--param", "stages=rigid", "--param", "metric=mse", "--error-map",
+                        "iterative", "--param", "stages=rigid", "--param", "metric=mse", "--error-map", "consistency",
                         "--guide-fixed-landmarks", tmp_path / "gf.csv", "--guide-moving-landmarks", tmp_path / "gm.csv",
                         "--out", out, "--no-progress"], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
