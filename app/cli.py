@@ -62,6 +62,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "or learn2reg (area-weighted surfel HD95 of the surface-distance package, std log(J+3))")
 
 
+def _add_error_map(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--error-map", nargs="?", const="dissimilarity", choices=("consistency", "dissimilarity", "tta"),
+                   help="also write DIR/error_map.nii.gz: the estimated registration error (mm) per fixed voxel "
+                        "(consistency: register the reverse direction too; dissimilarity: local 1 - LNCC after "
+                        "warping, seconds; tta: spread over perturbed restarts)")
+
+
 BATCH_FAILED = 3  # exit status: the batch ran, some pairs failed (rows with an error message)
 
 
@@ -93,15 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guide points (fixed) the result must honour: a smooth local correction moves each onto "
                         "its partner in --guide-moving-landmarks (kept apart from the evaluation landmarks)")
     r.add_argument("--guide-moving-landmarks", metavar="M", help="guide points (moving), matched to F by order")
-    r.add_argument("--error-map", nargs="?", const="dissimilarity", choices=("consistency", "dissimilarity", "tta"),
-                   help="also write DIR/error_map.nii.gz: the estimated registration error (mm) per fixed voxel "
-                        "(consistency: register the reverse direction too; dissimilarity: local 1 - LNCC after "
-                        "warping, seconds; tta: spread over perturbed restarts)")
+    _add_error_map(r)
     _add_batch(r)
 
     e = sub.add_parser("evaluate", help="register every pair of a PAIRS.csv and tabulate metrics")
     e.add_argument("--pairs", required=True, help="CSV: fixed,moving,fixed_labels,moving_labels,fixed_landmarks,moving_landmarks")
     _add_common(e)
+    _add_error_map(e)
     _add_batch(e)
 
     t = sub.add_parser("train", help="train a learned paradigm")

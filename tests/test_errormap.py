@@ -158,3 +158,23 @@ def test_cli_register_writes_an_error_map_and_honours_guides(tmp_path):
     assert em.GetSize() == fixed.GetSize() and np.allclose(em.GetDirection(), fixed.GetDirection())
     t = sitk.ReadTransform(str(out / "transform.h5"))
     np.testing.assert_allclose(t.TransformPoint(gf[0]), gm[0], atol=1.0)
+
+
+def test_cli_evaluate_reports_the_error_map_per_pair(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+    from tests.test_cli import blob_pair
+    root = Path(__file__).resolve().parents[1]
+    files = blob_pair(tmp_path)
+    (tmp_path / "pairs.csv").write_text("fixed,moving,fixed_labels,moving_labels\n"
+                                        f"{files['fixed']},{files['moving']},{files['fixed_labels']},{files['moving_labels']}\n")
+    out = tmp_path / "ev"
+    r = subprocess.run([sys.executable, "main.py", "evaluate", "--pairs", tmp_path / "pairs.csv", "--paradigm",
+                        "iterative", "--param", "stages=rigid", "--param", "metric=mse", "--error-map", "--out", out,
+                        "--no-progress"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert float(rows[0]["error_map_p95_mm"]) >= float(rows[0]["error_map_mean_mm"]) >= 0
+    assert len(list(out.rglob("error_map.nii.gz"))) == 1

@@ -277,6 +277,9 @@ def _write_pair(job: PairJob, record: dict, result) -> None:
     try:
         if job.mode == "register":
             write_registration(tmp, result, record["metrics"])
+        elif getattr(result, "error_map", None) is not None:     # evaluate --error-map: keep the map
+            from . import io
+            io.write_volume(result.error_map, tmp / "error_map.nii.gz")
         # row.json last: its presence in the final folder is what marks the pair as done
         write_json({"id": job.pair_id, "fingerprint": job.fingerprint, "mode": job.mode,
                     "row": record["row"], "metrics": record["metrics"]}, tmp / ROW_FILE)

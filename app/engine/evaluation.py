@@ -95,7 +95,7 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
     ``B.name`` for a pipeline's stage B), a list of one per stage, or None (defaults).
     ``guide_fixed_points`` / ``guide_moving_points``: landmark pairs the result must honour
     (:func:`app.engine.guidance.guided_correction` after the registration; kept apart from the
-    evaluation landmarks). ``error_map``: 'consistency' or 'tta' adds the estimated error map
+    evaluation landmarks). ``error_map``: 'dissimilarity', 'consistency' or 'tta' adds the estimated error map
     (:mod:`app.engine.errormap`) to the result and its summary to the metrics.
     Raises ValueError on bad input, :class:`~app.engine.types.Cancelled` when cancelled.
     """
@@ -199,6 +199,9 @@ def _flat_row(name_fixed: str, name_moving: str, m: dict) -> dict:
     row["device"] = m.get("device")
     for k in SUMMARY_KEYS[:-1]:
         row[f"before_{k}"] = m["before"].get(k)
+    for k in ("error_map_mean_mm", "error_map_p95_mm"):
+        if k in m:
+            row[k] = m[k]
     return row
 
 
