@@ -252,3 +252,30 @@ def test_files_are_read_and_written_on_the_engine_thread(win, files, tmp_path, m
     assert w.state.paths["moving"].endswith("other.nii.gz")
     w.engine.wait_idle(10000)
     assert w.state.paths["moving"].endswith("moving.nii.gz")
+
+
+def test_colour_labels_and_the_status_bar_readout(win, tmp_path, qtbot):
+    w = win
+    table = tmp_path / "cube.ctbl"
+    table.write_text("0 background 0 0 0 0\n1 cube 255 0 0 255\n2 slab 0 0 255 255\n")
+    assert w.load_colour_table(table)
+    assert w.metrics_panel.label_names["1"] == "cube"
+    ax = w.slice_views["axial"]
+    # the cursor on the cube: label 1 in both maps, named from the table
+    w.state.set_cursor(w.state.fixed.index_to_physical([[7, 7, 7]])[0])
+    ax.flush()
+    before = ax.grab_pixels().astype(int)
+    w.state.set_overlay(label_fill="fixed", label_opacity=0.8)
+    assert w.overlay_panel.fill_combo.currentData() == "fixed" and w.overlay_panel.fill_opacity.value() == 80
+    ax.flush()
+    after = ax.grab_pixels().astype(int)
+    reddened = (after[..., 0] - before[..., 0] > 40) & (before[..., 2] - after[..., 2] > 40)
+    assert reddened.sum() > 20                                   # the cube is filled in red
+    text = w.cursor_label.text()
+    assert "fixed label: 1 cube" in text and "moving label: 1 cube" in text
+    _run(w)
+    w._update_readout()
+    assert "det J: 1.000" in w.cursor_label.text() and "warped label:" in w.cursor_label.text()
+    # the user drives it from the overlay panel too
+    w.overlay_panel.fill_combo.setCurrentIndex(w.overlay_panel.fill_combo.findData("none"))
+    assert w.state.overlay.label_fill == "none"

@@ -115,3 +115,43 @@ def test_replacing_an_image_clears_what_was_computed_on_it():
     assert ws.state.fixed_labels is not None and ws.landmarks.point_count("fixed") == 1
     ws.clear()
     assert ws.state.fixed is None and len(ws.landmarks) == 0
+
+
+def test_colour_tables_of_slicer_itksnap_and_freesurfer(tmp_path):
+    from app.viewer.colour_table import colour_lut, label_rgb_image, read_colour_table
+    slicer = tmp_path / "GenericColors.ctbl"
+    slicer.write_text("# Color table file\n# 3 values\n0 background 0 0 0 0\n1 tissue 128 174 128 255\n"
+                      "17 Left-Hippocampus 220 216 20 255\n")
+    snap = tmp_path / "labels.txt"
+    snap.write_text('################################################\n# ITK-SnAP Label Description File\n'
+                    '    0     0    0    0        0  0  0    "Clear Label"\n'
+                    '    1   255    0    0        1  1  1    "Left ventricle"\n')
+    fs = tmp_path / "FreeSurferColorLUT.txt"
+    fs.write_text("#$Id: FreeSurferColorLUT.txt $\n\n#No. Label Name:   R   G   B   A\n\n"
+                  "0   Unknown   0   0   0   0\n2   Left-Cerebral-White-Matter   245 245 245 0\n")
+    t = read_colour_table(slicer)
+    assert t[17] == ("Left-Hippocampus", (220, 216, 20)) and t[1][0] == "tissue"
+    assert read_colour_table(snap)[1] == ("Left ventricle", (255, 0, 0))
+    assert read_colour_table(fs)[2] == ("Left-Cerebral-White-Matter", (245, 245, 245))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("hello world\n")
+    with pytest.raises(ValueError, match="line 1"):
+        read_colour_table(bad)
+    lut = colour_lut([0, 1, 5], t)
+    assert 0 not in lut and lut[1] == pytest.approx((128 / 255, 174 / 255, 128 / 255)) and len(lut[5]) == 3
+    rgb, mask = label_rgb_image(np.array([[0, 17], [1, 0]]), t)
+    assert mask.tolist() == [[False, True], [True, False]]
+    np.testing.assert_allclose(rgb[0, 1], np.array([220, 216, 20]) / 255, atol=1e-6)
+
+
+def test_filled_labels_blend_with_their_opacity():
+    from app.viewer import compositing as comp
+    base = np.full((2, 2), 0.5, np.float32)
+    ins = np.ones((2, 2), bool)
+    rgb = np.zeros((2, 2, 3), np.float32)
+    rgb[0, 0] = (1.0, 0.0, 0.0)
+    mask = np.array([[True, False], [False, False]])
+    out = comp.compose(base, ins, labels_rgb=rgb, labels_mask=mask, labels_opacity=0.5)
+    assert tuple(out[0, 0, :3]) == (191, 64, 64) and tuple(out[1, 1, :3]) == (128, 128, 128)
+    with pytest.raises(ValueError, match="label_fill"):
+        Workspace().state.set_overlay(label_fill="both")

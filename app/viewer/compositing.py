@@ -80,7 +80,9 @@ def compose(base: np.ndarray | None, base_inside: np.ndarray, *, overlay: np.nda
             overlay_inside: np.ndarray | None = None, mode: str = "none", opacity: float = 0.5,
             checker: np.ndarray | None = None, false_colour: bool = False, flicker_phase: int = 0,
             jacobian: np.ndarray | None = None,
-            jacobian_inside: np.ndarray | None = None) -> np.ndarray:
+            jacobian_inside: np.ndarray | None = None,
+            labels_rgb: np.ndarray | None = None, labels_mask: np.ndarray | None = None,
+            labels_opacity: float = 0.4) -> np.ndarray:
     """Compose one view's image.
 
     Parameters
@@ -102,6 +104,8 @@ def compose(base: np.ndarray | None, base_inside: np.ndarray, *, overlay: np.nda
         'flicker' shows the fixed image in phase 0 and the overlay in phase 1.
     jacobian, jacobian_inside : (nv, nu) float / bool, optional
         Jacobian determinant, shown as a heat map (log scale) with folding highlighted.
+    labels_rgb, labels_mask : (nv, nu, 3) float in [0, 1] / (nv, nu) bool, optional
+        A filled colour label map, blended with ``labels_opacity`` where ``labels_mask``.
 
     Returns
     -------
@@ -140,6 +144,10 @@ def compose(base: np.ndarray | None, base_inside: np.ndarray, *, overlay: np.nda
         alpha = np.where(jin, JACOBIAN_ALPHA, 0.0)
         alpha = np.where(jin & (jacobian <= 0), 1.0, alpha)[..., None]
         rgb = rgb * (1 - alpha) + jrgb * alpha
+    if labels_rgb is not None:
+        a = float(np.clip(labels_opacity, 0, 1))
+        m = (np.ones_like(base_inside) if labels_mask is None else labels_mask)[..., None] * a
+        rgb = rgb * (1 - m) + labels_rgb * m
     out = np.empty((nv, nu, 4), np.uint8)
     out[..., :3] = np.clip(np.round(rgb * 255), 0, 255)
     out[..., 3] = np.where(base_inside, 255, 0)

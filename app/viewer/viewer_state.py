@@ -21,6 +21,7 @@ from .slice_geometry import PlaneGrid, plane_volume, sample, sample_point
 
 LAYERS = ("fixed", "moving", "fixed_labels", "moving_labels")
 INTERACTIONS = ("cursor", "window", "pick")
+LABEL_FILLS = ("none", "fixed", "warped")
 
 
 class Events:
@@ -45,6 +46,9 @@ class OverlaySettings:
     contours_fixed, contours_warped : label contours of the fixed / warped (or moving) labels
     jacobian : Jacobian determinant heat map on/off
     flicker_ms : half period of flicker
+    label_fill : 'none' | 'fixed' | 'warped': a filled colour label map (colours from the label
+        table, :mod:`app.viewer.colour_table`)
+    label_opacity : weight of the filled labels, [0, 1]
     """
 
     mode: str = "none"
@@ -58,6 +62,8 @@ class OverlaySettings:
     contours_warped: bool = False
     jacobian: bool = False
     flicker_ms: int = 600
+    label_fill: str = "none"
+    label_opacity: float = 0.4
 
     def validate(self) -> None:
         if self.mode not in OVERLAY_MODES:
@@ -68,6 +74,10 @@ class OverlaySettings:
             raise ValueError(f"opacity must be in [0, 1], got {self.opacity}")
         if self.checker_mm <= 0:
             raise ValueError(f"checker size must be positive, got {self.checker_mm} mm")
+        if self.label_fill not in LABEL_FILLS:
+            raise ValueError(f"label_fill must be one of {', '.join(LABEL_FILLS)}, got '{self.label_fill}'")
+        if not 0 <= self.label_opacity <= 1:
+            raise ValueError(f"label opacity must be in [0, 1], got {self.label_opacity}")
         if self.grid_every_vox < 2:
             raise ValueError(f"grid spacing must be at least 2 voxels, got {self.grid_every_vox}")
 
@@ -112,6 +122,7 @@ class ViewerState:
         self.selected_point: Optional[np.ndarray] = None
         self.interaction = "cursor"
         self.flicker_phase = 0
+        self.label_table: dict = {}       # {value: (name, (r, g, b))}, see app.viewer.colour_table
         self._cache: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ layers
@@ -271,6 +282,11 @@ class ViewerState:
         if changed:
             self.overlay = new
             self.events.overlay.emit(changed)
+
+    def set_label_table(self, table: dict) -> None:
+        """Names and colours of label values; emits ``overlay({"label_table"})``."""
+        self.label_table = dict(table or {})
+        self.events.overlay.emit({"label_table"})
 
     def set_window(self, layer: str, window: float, level: float) -> None:
         if layer not in ("fixed", "moving"):

@@ -112,6 +112,7 @@ class MainWindow(QMainWindow):
         self.session_path: Optional[Path] = None
         self.error_boxes: list[QMessageBox] = []
         self.unsaved_results = False
+        self.label_table_path: Optional[str] = None
         self.replace_policy = "ask"           # what replacing an image does to its dependents: ask/clear/keep
         self._running = False
         self._pick_restore = None
@@ -260,6 +261,8 @@ class MainWindow(QMainWindow):
         self.act_open_fixed_labels = act("Open fixed &labels…", lambda: self._ask_open("fixed_labels"))
         self.act_open_moving_labels = act("Open moving l&abels…", lambda: self._ask_open("moving_labels"))
         self.act_open_session = act("Open &session…", self._ask_open_session)
+        self.act_open_colour_table = act("Open label &colour table…", self._ask_open_colour_table,
+                                         tip="label names and colours: Slicer .ctbl/.txt, ITK-SNAP, FreeSurfer LUT")
         self.act_save_session = act("&Save session", self._ask_save_session, "Ctrl+S")
         self.act_save_session_as = act("Save session &as…", lambda: self._ask_save_session(force_ask=True))
         self.act_save_results = act("Save &results…", self._ask_save_results, "Ctrl+E",
@@ -306,7 +309,8 @@ class MainWindow(QMainWindow):
     def _build_menus(self) -> None:
         mb = self.menuBar()
         f = mb.addMenu("&File")
-        for a in (self.act_open_fixed, self.act_open_moving, self.act_open_fixed_labels, self.act_open_moving_labels):
+        for a in (self.act_open_fixed, self.act_open_moving, self.act_open_fixed_labels, self.act_open_moving_labels,
+                  self.act_open_colour_table):
             f.addAction(a)
         close = f.addMenu("&Close layer")
         for a in self.unload_actions.values():
@@ -400,6 +404,28 @@ class MainWindow(QMainWindow):
             return False
         self.statusBar().showMessage(f"Loaded {ROLE_TITLES[role]}: {Path(path).name}", 5000)
         return True
+
+    def load_colour_table(self, path) -> bool:
+        """Label names and colours from a Slicer / ITK-SNAP / FreeSurfer table (engine thread)."""
+        from app.viewer.colour_table import read_colour_table
+        try:
+            table = self.engine.call(read_colour_table, str(path), name="read colour table")
+        except ValueError as e:
+            self.show_error("Could not read the colour table", str(e))
+            return False
+        self.label_table_path = str(Path(path).resolve())
+        self.state.set_label_table(table)
+        if self.metrics_panel is not None:
+            self.metrics_panel.set_label_names({v: name for v, (name, _) in table.items()})
+        self._update_readout()
+        self.statusBar().showMessage(f"{len(table)} label names from {Path(path).name}", 5000)
+        return True
+
+    def _ask_open_colour_table(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open label colour table", self.data_dir(),
+                                              "Colour tables (*.ctbl *.txt *.lut *.label);;All files (*)")
+        if path:
+            self.load_colour_table(path)
 
     # ------------------------------------------------------------------ stale data
     def stale_if_replaced(self, role: str) -> list[str]:
@@ -699,6 +725,18 @@ class MainWindow(QMainWindow):
         for k in ("fixed", "moving", "warped"):
             if getattr(st, k) is not None:
                 parts.append(f"{k}: {_fmt(vals[k])}")
+        from app.viewer.colour_table import label_name
+        labs = self.workspace.label_at(p)
+        for k, title in (("fixed", "fixed label"), ("warped", "warped label" if st.result is not None else "moving label")):
+            v = labs[k]
+            if v is not None:
+                name = label_name(v, st.label_table)
+                parts.append(f"{title}: {int(v)}" + (f" {name}" if name else ""))
+        if st.result is not None and ijk:
+            try:
+                parts.append(f"det J: {self.workspace.jacobian_at(p):.3f}")
+            except Exception:  # noqa: BLE001 - a transform that cannot be evaluated there
+                pass
         self.cursor_label.setText("   |   ".join(parts))
 
     def reset_views(self) -> None:

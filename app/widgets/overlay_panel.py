@@ -82,6 +82,21 @@ class OverlayPanel(QWidget):
         lv = QVBoxLayout(labels)
         lv.addWidget(self.contours_fixed_box)
         lv.addWidget(self.contours_warped_box)
+        self.fill_combo = QComboBox()
+        for key, text in (("none", "No fill"), ("fixed", "Fixed labels"), ("warped", "Warped / moving labels")):
+            self.fill_combo.addItem(text, key)
+        self.fill_combo.setToolTip("Filled colour label map (colours and names from File > Open label "
+                                   "colour table, else a fixed palette)")
+        self.fill_opacity = QSlider(Qt.Horizontal)
+        self.fill_opacity.setRange(0, 100)
+        self.fill_opacity.setToolTip("Opacity of the filled labels")
+        frow = QHBoxLayout()
+        frow.addWidget(QLabel("Fill"))
+        frow.addWidget(self.fill_combo, 1)
+        frow.addWidget(self.fill_opacity, 1)
+        lv.addLayout(frow)
+        self.fill_combo.currentIndexChanged.connect(lambda *_: self._set(label_fill=self.fill_combo.currentData()))
+        self.fill_opacity.valueChanged.connect(lambda v: self._set(label_opacity=v / 100.0))
 
         self.grid_box = QCheckBox("Deformation grid")
         self.grid_spin = QSpinBox()
@@ -170,7 +185,7 @@ class OverlayPanel(QWidget):
         o = self.state.overlay
         widgets = (self.mode_combo, self.source_combo, self.opacity_slider, self.false_colour_box,
                    self.checker_spin, self.flicker_spin, self.contours_fixed_box, self.contours_warped_box,
-                   self.grid_box, self.grid_spin, self.jacobian_box)
+                   self.grid_box, self.grid_spin, self.jacobian_box, self.fill_combo, self.fill_opacity)
         for w in widgets:
             w.blockSignals(True)
         try:
@@ -186,6 +201,8 @@ class OverlayPanel(QWidget):
             self.grid_box.setChecked(o.grid)
             self.grid_spin.setValue(o.grid_every_vox)
             self.jacobian_box.setChecked(o.jacobian)
+            self.fill_combo.setCurrentIndex(self.fill_combo.findData(o.label_fill))
+            self.fill_opacity.setValue(int(round(o.label_opacity * 100)))
         finally:
             for w in widgets:
                 w.blockSignals(False)

@@ -77,6 +77,8 @@ def session_dict(win: "MainWindow", path: Path) -> dict:
         "current_run": win.workspace.runs.current,
         "landmarks": win.workspace.landmarks.to_dict(),
     }
+    if win.label_table_path:
+        d["label_table"] = _rel(win.label_table_path, base)
     if win.metrics_panel is not None:
         d["label_names"] = dict(win.metrics_panel.label_names)
     return d
@@ -152,6 +154,8 @@ def load_session(win: "MainWindow", path) -> None:
     if win.metrics_panel is not None:
         names = d.get("label_names") or (d.get("metrics_panel") or {}).get("label_names") or {}
         win.metrics_panel.set_label_names(names)
+    if d.get("label_table"):
+        win.load_colour_table(_abs(d["label_table"], base))
     cur = d.get("current_run")
     if cur is not None and 0 <= int(cur) < len(win.runs):
         win.select_run(int(cur))

@@ -319,10 +319,18 @@ class SliceView(QWidget):
             if jac is not None:
                 jac_inside = base_inside
                 show_bar = True
+        lab_rgb = lab_mask = None
+        fill = st.fixed_labels if ov.label_fill == "fixed" else st.warped_labels() if ov.label_fill == "warped" else None
+        if fill is not None:
+            from app.viewer.colour_table import label_rgb_image
+            lab, lab_inside = self._sampled(f"fill_{ov.label_fill}", fill, 0)
+            lab_rgb, lab_mask = label_rgb_image(lab, st.label_table)
+            lab_mask &= lab_inside
         self.rgba = comp.compose(base, base_inside, overlay=overlay, overlay_inside=overlay_inside,
                                  mode=ov.mode, opacity=ov.opacity, checker=checker,
                                  false_colour=ov.false_colour, flicker_phase=st.flicker_phase,
-                                 jacobian=jac, jacobian_inside=jac_inside)
+                                 jacobian=jac, jacobian_inside=jac_inside, labels_rgb=lab_rgb,
+                                 labels_mask=lab_mask, labels_opacity=ov.label_opacity)
         vtk_adapter.rgba_image(self.rgba, plane.origin_uv, plane.spacing_uv, self.vtk_image)
         self.image_actor.GetMapper().SetInputData(self.vtk_image)
         self.image_actor.VisibilityOn()
