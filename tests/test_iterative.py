@@ -165,7 +165,9 @@ def test_progress_reports_increasing_iterations(fixed):
         assert len(its) > 3 and its == sorted(its) and its[0] >= 1, (stage, its)
         assert all(np.isfinite(p.loss) for p in seen if p.stage == stage)
     fr = [p.fraction for p in seen]
-    assert fr == sorted(fr) and 0 < fr[0] and fr[-1] == 1.0
+    assert fr == sorted(fr) and 0 <= fr[0] and fr[-1] == 1.0
+    assert seen[0].iteration == 0 and "one modality" in seen[0].message     # what was chosen, first
+    assert 0 < [p.fraction for p in seen if p.iteration > 0][0]
 
 
 @pytest.mark.parametrize("stage", ["rigid", "deformable"])

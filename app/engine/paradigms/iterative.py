@@ -15,6 +15,19 @@ Stages
   variants run on a small image pyramid of their own (the field of a coarse level, which is in
   physical mm, is resampled onto the next level's grid as its initial field).
 
+Multimodal pairs
+----------------
+Before the stages run, :func:`app.engine.modality.detect` decides whether the pair is multimodal
+(``modality`` parameter: the user's word, else modality tags in the image names, else the intensity
+relation after a centre-of-mass alignment; rechecked after the linear stages when the intensities
+decided). A multimodal pair gets Mattes MI, no histogram matching, no Otsu fixed mask (it let the
+affine stage inflate the scale and narrowed the capture range) and a B-spline deformable stage
+(``deformable='auto'``); the choice is reported first through ``progress`` and kept in
+``result.params['chosen']``. Every rigid/affine stage is guarded (``linear_guard``): its own metric
+is evaluated at its start and at its result, and a result worse than its start is dropped
+(``chosen['guards']``). Measured on T2 / FLAIR / T1POST -> T1 pairs with known rigid transforms:
+``bench/bench_multimodal.py``, ``bench/results/multimodal.md``.
+
 Defaults were chosen by measurement on IXI test pairs (``bench/tune_iterative.py``,
 ``bench/results/iterative_tuning.md``): rigid + affine (Mattes MI on an Otsu head mask, shrink
 4,2) then diffeomorphic demons on histogram-matched images (pyramid 4,2,1, 30 iterations per level,
@@ -23,6 +36,7 @@ rigid+affine alone, no folding, about 14 s per pair on 2 CPU cores.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +45,7 @@ from typing import Callable, ClassVar, Optional
 import numpy as np
 import SimpleITK as sitk
 
+from .. import modality
 from ..spatial import resample, transform_to_field
 from ..types import (Cancelled, LabelMap, Landmarks, Progress, ProgressFn, RegistrationResult,
                      Transform, Volume, check_cancel, params_to_dict)
@@ -38,7 +53,7 @@ from .base import param, parse_number_list, validate_params
 
 STAGES = ("rigid", "affine", "rigid+affine", "rigid+affine+deformable", "affine+deformable",
           "rigid+deformable", "deformable")
-DEFORMABLE = ("bspline", "demons", "symmetric_demons", "fast_symmetric_demons", "diffeomorphic_demons")
+DEFORMABLE = ("auto", "bspline", "demons", "symmetric_demons", "fast_symmetric_demons", "diffeomorphic_demons")
 METRICS = ("mse", "ncc", "mattes")
 
 
@@ -50,7 +65,8 @@ class IterativeParams:
                          choices=STAGES)
     metric: str = param("mattes", "similarity for the rigid/affine (and B-spline) stages; demons always "
                         "use intensity differences", choices=METRICS)
-    deformable: str = param("diffeomorphic_demons", "deformable model", choices=DEFORMABLE)
+    deformable: str = param("auto", "deformable model; auto: diffeomorphic demons for one modality, B-spline "
+                            "(with the metric, Mattes MI) for a multimodal pair", choices=DEFORMABLE)
     initializer: str = param("moments", "initial alignment: centres of mass (moments) or image centres "
                              "(geometry)", choices=("moments", "geometry"))
     levels: str = param("4,2", "pyramid shrink factors of the rigid/affine stages, coarse to fine")
@@ -68,9 +84,16 @@ class IterativeParams:
                                        "0 = off)", range=(0.0, 10.0))
     demons_step: float = param(2.0, "demons: maximum update step length (voxels, diffeomorphic demons)",
                                range=(0.1, 10.0))
-    histogram_match: bool = param(True, "match the moving histogram to the fixed one first (same modality)")
+    modality: str = param("auto", "same: one modality; multi: different contrasts (T1 vs T2 / FLAIR / PD / "
+                          "CT): Mattes MI, no histogram matching, no fixed mask, B-spline deformable; auto: "
+                          "decided from the image names, else from the intensities", choices=("auto", "same", "multi"))
+    histogram_match: bool = param(True, "match the moving histogram to the fixed one first (one modality only: "
+                                  "ignored for a multimodal pair)")
     use_mask: bool = param(True, "restrict the rigid/affine/B-spline metric to the fixed foreground "
-                           "(an Otsu head mask, or the labels: see mask_from_labels)")
+                           "(an Otsu head mask, or the labels: see mask_from_labels); not for a multimodal "
+                           "pair unless mask_from_labels")
+    linear_guard: bool = param(True, "a rigid/affine stage whose result is worse than its start by its own "
+                               "metric keeps the start")
     mask_from_labels: bool = param(False, "with use_mask, use fixed labels > 0 (dilated) as the mask when "
                                    "fixed labels are given")
     linear_optimiser: str = param("sitk", "rigid/affine stages: SimpleITK's regular-step descent on `metric`, or "
@@ -140,29 +163,55 @@ class IterativeRegistrar:
                 raise ValueError(f"{name} is too small to register: shape {v.shape}")
         stages = p.stages.split("+")
         t_start = time.perf_counter()
-        run = _Run(p, stages, levels, dlevels, progress, cancel)
         check_cancel(cancel)
+        decision = modality.detect(fixed, moving, p.modality, initial)
+        chosen = choose_settings(p, decision, fixed_labels is not None)
+        p_run = _run_params(p, chosen)
+        run = _Run(p_run, stages, levels, _parse_levels(p_run.deformable_levels, "deformable_levels"), progress,
+                   cancel)
+        run.message("setup", describe_settings(chosen))
+        timings: dict[str, float] = {"detect": time.perf_counter() - t_start}
 
         f_img = _normalise(fixed.to_sitk(sitk.sitkFloat32))
         m_img = _normalise(moving.to_sitk(sitk.sitkFloat32))
-        if p.histogram_match:
+        if p_run.histogram_match:
             m_img = sitk.HistogramMatching(m_img, f_img, numberOfHistogramLevels=256, numberOfMatchPoints=15,
                                            thresholdAtMeanIntensity=True)
-        metric_stages = p.stages != "deformable" or p.deformable == "bspline"  # demons take no mask
-        mask = (_fixed_mask(f_img, fixed_labels if p.mask_from_labels else None, fixed)
-                if p.use_mask and metric_stages else None)
+        metric_stages = p_run.stages != "deformable" or p_run.deformable == "bspline"  # demons take no mask
+        mask = (_fixed_mask(f_img, fixed_labels if p_run.mask_from_labels else None, fixed)
+                if p_run.use_mask and metric_stages else None)
 
         transform = initial if initial is not None else Transform.identity()
-        timings: dict[str, float] = {}
         used = "cpu"
         for stage in stages:
             t0 = time.perf_counter()
+            if stage == "deformable" and p.modality == "auto" and chosen["source"] in ("intensity", "default") \
+                    and transform.kind != "identity":
+                # the linear stages have aligned the pair: the intensity relation is clearer now
+                again = modality.detect(fixed, moving, "auto", transform)
+                chosen["rechecked"] = again.to_dict()
+                if again.source == "intensity" and again.multimodal != chosen["multimodal"]:
+                    guards = chosen["guards"]
+                    chosen.update(choose_settings(p, again, fixed_labels is not None), guards=guards,
+                                  rechecked=again.to_dict())
+                    p_run = _run_params(p, chosen)
+                    run.p = p_run
+                    run.dlevels = _parse_levels(p_run.deformable_levels, "deformable_levels")
+                    m_img = _normalise(moving.to_sitk(sitk.sitkFloat32))
+                    if p_run.histogram_match:
+                        m_img = sitk.HistogramMatching(m_img, f_img, numberOfHistogramLevels=256,
+                                                       numberOfMatchPoints=15, thresholdAtMeanIntensity=True)
+                    mask = (_fixed_mask(f_img, fixed_labels if p_run.mask_from_labels else None, fixed)
+                            if p_run.use_mask and p_run.deformable == "bspline" else None)
+                    run.message(stage, "after the linear stages: " + describe_settings(chosen))
             if stage in ("rigid", "affine") and p.linear_optimiser == "torch":
                 transform, used = _linear_stage_torch(run, stage, f_img, m_img, mask, transform, device)
             else:
                 if stage in ("rigid", "affine"):
                     step = _linear_stage(run, stage, f_img, m_img, mask, transform)
-                elif p.deformable == "bspline":
+                    if p_run.linear_guard:
+                        step = _guard(run, stage, f_img, m_img, mask, transform, step, chosen)
+                elif p_run.deformable == "bspline":
                     step = _bspline_stage(run, f_img, m_img, mask, transform)
                 else:
                     step = _demons_stage(run, f_img, m_img, transform)
@@ -181,8 +230,77 @@ class IterativeRegistrar:
         if progress:
             progress(Progress("done", run.total, run.total, run.last_loss, 1.0, "registration finished"))
         return RegistrationResult(transform=transform, warped=warped, field=field, history=run.history,
-                                  timings=timings, device=used, paradigm=self.key, params=params_to_dict(p),
+                                  timings=timings, device=used, paradigm=self.key,
+                                  params={**params_to_dict(p), "chosen": chosen},
                                   warped_labels=warped_labels)
+
+
+# --------------------------------------------------------------------------- settings
+_DEMONS_KEYS = ("demons", "symmetric_demons", "fast_symmetric_demons", "diffeomorphic_demons")
+
+
+def choose_settings(p: IterativeParams, decision: "modality.ModalityDecision", has_labels: bool) -> dict:
+    """The settings a run uses for its pair, from the parameters and the modality decision.
+
+    One modality: the parameters as given (``deformable='auto'`` -> diffeomorphic demons). A
+    multimodal pair: Mattes MI for the rigid/affine/B-spline stages, no histogram matching, no Otsu
+    fixed mask (measured: it lets the affine stage inflate the scale, and it narrows the capture
+    range; a labels mask is kept), B-spline for ``deformable='auto'``. An explicit demons choice is
+    kept with a warning (demons compare raw intensities).
+
+    Returns
+    -------
+    dict with ``multimodal``, ``source``, ``reason``, ``evidence`` (the decision), ``metric``,
+    ``histogram_match``, ``mask`` ('otsu', 'labels' or 'none'), ``deformable``, ``notes`` (lines for
+    people) and ``guards`` (filled by the run: one record per guarded linear stage).
+    """
+    multi = bool(decision.multimodal)
+    notes: list[str] = []
+    metric = p.metric
+    if multi and metric != "mattes":
+        notes.append(f"metric {metric} compares intensities directly: Mattes MI used for the multimodal pair")
+        metric = "mattes"
+    if not p.use_mask:
+        mask = "none"
+    elif p.mask_from_labels and has_labels:
+        mask = "labels"
+    elif multi:
+        mask = "none"
+    else:
+        mask = "otsu"
+    deformable = p.deformable
+    dlevels = p.deformable_levels
+    if deformable == "auto":
+        deformable = "bspline" if multi else "diffeomorphic_demons"
+        coarse = [f for f in _parse_levels(dlevels, "deformable_levels") if f > 1]
+        if multi and coarse:
+            # measured (2 mm T2 -> T1, bench_multimodal): the full-resolution level of an 8-node mesh
+            # took 5x the time of the coarser two together for no gain (0.77 vs 1.14 mm)
+            dlevels = ",".join(str(f) for f in coarse)
+    elif multi and deformable in _DEMONS_KEYS and "deformable" in p.stages:
+        notes.append(f"warning: {deformable} compares raw intensities and does not suit a multimodal pair "
+                     "(deformable=bspline or auto does)")
+    return {**decision.to_dict(), "metric": metric, "histogram_match": bool(p.histogram_match and not multi),
+            "mask": mask, "deformable": deformable, "deformable_levels": dlevels, "notes": notes, "guards": []}
+
+
+def _run_params(p: IterativeParams, chosen: dict) -> IterativeParams:
+    """The parameters a run works with: ``p`` with the chosen settings filled in."""
+    return dataclasses.replace(p, metric=chosen["metric"], deformable=chosen["deformable"],
+                               deformable_levels=chosen["deformable_levels"],
+                               histogram_match=chosen["histogram_match"], use_mask=chosen["mask"] != "none",
+                               mask_from_labels=chosen["mask"] == "labels")
+
+
+def describe_settings(chosen: dict) -> str:
+    """One line for progress messages and the GUI: the decision and what it chose."""
+    kind = "multimodal pair" if chosen["multimodal"] else "one modality"
+    parts = [f"metric {chosen['metric']}", "histogram matching" if chosen["histogram_match"] else
+             "no histogram matching", {"none": "no fixed mask", "otsu": "Otsu fixed mask",
+                                       "labels": "fixed labels mask"}[chosen["mask"]],
+             f"deformable {chosen['deformable']} (levels {chosen['deformable_levels']})"]
+    text = f"{kind} ({chosen['reason']}): " + ", ".join(parts)
+    return "; ".join([text] + list(chosen["notes"]))
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -206,6 +324,8 @@ class _Run:
         self.history: list[dict] = []
         self.cancelled = False
         self.last_loss = float("nan")
+        self.last_start: Optional[Transform] = None   # the last linear stage's initialisation
+        self.last_fraction = 0.0
 
     def report(self, stage: str, iteration: int, loss: float, level: int) -> None:
         """Record one iteration (``iteration`` counts from 1 over all levels of ``stage``)."""
@@ -214,8 +334,14 @@ class _Run:
         self.history.append({"stage": stage, "iteration": iteration, "loss": loss, "level": level})
         if self.progress:
             done = self._done_before[stage] + min(iteration, self.plan[stage]) * self.weight[stage]
-            self.progress(Progress(stage, iteration, self.plan[stage], loss, min(1.0, done / self._wtotal),
+            self.last_fraction = min(1.0, done / self._wtotal)
+            self.progress(Progress(stage, iteration, self.plan[stage], loss, self.last_fraction,
                                    f"{stage} level {level + 1}"))
+
+    def message(self, stage: str, text: str) -> None:
+        """Tell the caller something about the run (no iteration, no loss)."""
+        if self.progress:
+            self.progress(Progress(stage, 0, self.plan.get(stage, 0), float("nan"), self.last_fraction, text))
 
     def should_stop(self) -> bool:
         if self.cancel is not None and self.cancel.is_set():
@@ -337,9 +463,52 @@ def _linear_stage(run: _Run, stage: str, f_img, m_img, mask, previous: Transform
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     if previous.kind != "identity":
         reg.SetMovingInitialTransform(previous.itk)
+    kind = "rigid" if stage == "rigid" else "affine"
+    run.last_start = Transform(tx.__class__(tx), kind)   # a copy: the optimiser changes tx in place
     reg.SetInitialTransform(tx, inPlace=True)
     _execute(run, reg, stage, f_img, m_img)
-    return Transform(tx, "rigid" if stage == "rigid" else "affine")
+    return Transform(tx, kind)
+
+
+def _metric_value(run: _Run, f_img, m_img, mask, previous: Transform, step: sitk.Transform) -> float:
+    """The stage's own metric (lower is better) for ``previous.then(step)``, at the stage's finest level."""
+    reg = sitk.ImageRegistrationMethod()
+    _set_metric(reg, run.p)
+    if mask is not None:
+        reg.SetMetricFixedMask(mask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetShrinkFactorsPerLevel([run.levels[-1]])
+    reg.SetSmoothingSigmasPerLevel(_sigmas([run.levels[-1]]))
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    if previous.kind != "identity":
+        reg.SetMovingInitialTransform(previous.itk)
+    reg.SetInitialTransform(sitk.Transform(step), inPlace=False)
+    try:
+        return float(reg.MetricEvaluate(f_img, m_img))
+    except RuntimeError:   # e.g. too few samples inside the moving image: as bad as it gets
+        return float("inf")
+
+
+def _guard(run: _Run, stage: str, f_img, m_img, mask, previous: Transform, step: Transform,
+           chosen: dict) -> Transform:
+    """Keep the stage's start when its result is worse by the stage's own metric.
+
+    The start is the better of ``previous`` unchanged and the stage's initialisation (centres of
+    mass for a first stage). Records ``{"stage", "start", "end", "kept"}`` in ``chosen["guards"]``.
+    """
+    starts = [(Transform.identity(), _metric_value(run, f_img, m_img, mask, previous,
+                                                   sitk.Transform(3, sitk.sitkIdentity)))]
+    if run.last_start is not None:
+        starts.append((run.last_start, _metric_value(run, f_img, m_img, mask, previous, run.last_start.itk)))
+    start, v0 = min(starts, key=lambda sv: sv[1])
+    v1 = _metric_value(run, f_img, m_img, mask, previous, step.itk)
+    keep_start = v1 > v0 + 1e-6 * max(1.0, abs(v0))
+    chosen["guards"].append({"stage": stage, "start": v0, "end": v1, "kept": "start" if keep_start else "result"})
+    if keep_start:
+        run.message(stage, f"{stage}: the result (metric {v1:.4f}) is worse than its start ({v0:.4f}): "
+                    "the start is kept")
+        return start
+    return step
 
 
 def _linear_stage_torch(run: _Run, stage: str, f_img, m_img, mask, previous: Transform,
