@@ -419,7 +419,7 @@ def test_blend_extremes_equal_single_images(fresh, qapp):
     w.state.set_overlay(opacity=1.0)
     _settle(qapp, w)
     moving_only = ax.grab_pixels()
-    w.state.set_overlay(mode="flicker")
+    w.state.set_overlay(mode="flicker", flicker_ms=60000)     # no timer tick during the check
     w.state.set_flicker_phase(1)
     _settle(qapp, w)
     assert _pixels_equal(ax.grab_pixels(), moving_only, tol=1)

@@ -279,3 +279,64 @@ def test_colour_labels_and_the_status_bar_readout(win, tmp_path, qtbot):
     # the user drives it from the overlay panel too
     w.overlay_panel.fill_combo.setCurrentIndex(w.overlay_panel.fill_combo.findData("none"))
     assert w.state.overlay.label_fill == "none"
+
+
+# ----------------------------------------------------------------------------- side by side
+def test_two_runs_side_by_side_with_linked_cursors(win, qtbot):
+    w = win
+    sbs = w.side_by_side
+    _run(w)
+    t2 = Transform(sitk.TranslationTransform(3, (-3.0, 0.0, 0.0)), "rigid")
+    from app.engine.spatial import resample
+    res2 = RegistrationResult(t2, resample(w.state.moving, w.state.fixed, t2), paradigm="other", device="cpu")
+    w.registration_panel.run_finished.emit(res2, {})
+    w.set_view_layout("runs")
+    assert w.view_layout == "runs" and w.central_stack.currentWidget() is sbs
+    # A is the current run (the last one), B the one before it
+    assert sbs.left_state.result is res2 and sbs.right_state.result is w.runs[0].result
+    assert "A: other" in sbs.left_head.text() and sbs.right_head.text().startswith("B: fake")
+    sbs.flush()
+    assert np.array_equal(sbs.left.rgba, sbs.right.rgba)   # fixed only: the same picture
+    w.state.set_overlay(mode="blend", opacity=1.0)        # show the warped images themselves
+    sbs.flush()
+    assert sbs.left_state.overlay.mode == sbs.right_state.overlay.mode == "blend"
+    assert sbs.left.rgba.shape == sbs.right.rgba.shape
+    assert np.abs(sbs.left.rgba.astype(int) - sbs.right.rgba.astype(int)).max() > 50   # two different runs
+    # linked cursors: moving the cursor in B moves A and the four-up views
+    target = w.state.fixed.index_to_physical([[4, 6, 9]])[0]
+    sbs.right_state.set_cursor(target)
+    np.testing.assert_allclose(w.state.cursor, target)
+    np.testing.assert_allclose(sbs.left_state.cursor, target)
+    # picking another A from the combo changes the workspace's current run
+    sbs.run_a_combo.setCurrentIndex(sbs.run_a_combo.findData(0))
+    sbs.run_a_combo.activated.emit(sbs.run_a_combo.currentIndex())
+    assert w.workspace.runs.current == 0 and sbs.left_state.result is w.runs[0].result
+    w.set_view_layout("four_up")
+    assert w.central_stack.currentIndex() == 0
+
+
+def test_landmarks_are_placed_side_by_side_in_fixed_and_moving(win, qtbot):
+    from PySide6.QtCore import QPoint, Qt
+    w = win
+    sbs = w.side_by_side
+    w.set_view_layout("landmarks")
+    assert sbs.left_state.fixed is w.state.fixed and sbs.right_state.fixed is w.state.moving
+    assert sbs.left_state.interaction == sbs.right_state.interaction == "pick"
+    sbs.flush()
+    left, right = sbs.views()
+    pf = sbs.left_state.cursor + np.array([2.0, -3.0, 0.0])
+    pm = sbs.right_state.cursor + np.array([-4.0, 1.0, 0.0])
+    with qtbot.waitSignal(left.clicked, timeout=3000):
+        qtbot.mouseClick(left.vtk_widget, Qt.LeftButton, Qt.NoModifier, QPoint(*left.lps_to_widget(pf)))
+    with qtbot.waitSignal(right.clicked, timeout=3000):
+        qtbot.mouseClick(right.vtk_widget, Qt.LeftButton, Qt.NoModifier, QPoint(*right.lps_to_widget(pm)))
+    pairs = w.workspace.landmarks.pairs()
+    assert len(pairs) == 1 and pairs[0]["fixed"] is not None and pairs[0]["moving"] is not None
+    np.testing.assert_allclose(pairs[0]["fixed"][:2], pf[:2], atol=1.6)
+    np.testing.assert_allclose(pairs[0]["moving"][:2], pm[:2], atol=1.6)
+    # each side shows its own points only; the pair is in the table
+    assert len(sbs.right_state.moving_points) == 1 and len(sbs.right_state.fixed_points) == 0
+    assert len(sbs.left_state.fixed_points) == 1 and w.landmark_panel.table.rowCount() == 1
+    assert "1 point" in sbs.right_head.text()
+    w.landmark_panel.undo()
+    assert w.workspace.landmarks.point_count("moving") == 0

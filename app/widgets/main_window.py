@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
     QMenu,
     QMessageBox,
     QScrollArea,
+    QStackedWidget,
     QWidget,
 )
 
@@ -135,7 +136,14 @@ class MainWindow(QMainWindow):
         for i in (0, 1):
             grid.setColumnStretch(i, 1)
             grid.setRowStretch(i, 1)
-        self.setCentralWidget(central)
+        # the central area: the four-up views, or two views side by side (runs A | B, or the
+        # fixed | moving images for placing landmarks)
+        from .side_by_side import SideBySideView
+        self.side_by_side = SideBySideView(self.workspace)
+        self.central_stack = QStackedWidget()
+        self.central_stack.addWidget(central)
+        self.central_stack.addWidget(self.side_by_side)
+        self.setCentralWidget(self.central_stack)
         for v in self.slice_views.values():
             v.clicked.connect(self._on_view_clicked)
             v.image_changed.connect(lambda v=v: self.view3d.set_slice_image(v.orientation, v.vtk_image, v.plane))
@@ -272,6 +280,15 @@ class MainWindow(QMainWindow):
                                for role, title in ROLE_TITLES.items()}
         self.act_unload_all = act("Close all", lambda: self.unload_all(), tip="every layer, landmark and run")
         self.act_reset_views = act("&Reset views", self.reset_views, "Ctrl+R")
+        self.layout_group = QActionGroup(self)
+        self.layout_actions = {}
+        for key, text, sc in (("four_up", "Four-up views", "Ctrl+Shift+1"),
+                              ("runs", "Compare two runs side by side (A | B)", "Ctrl+Shift+2"),
+                              ("landmarks", "Place landmarks side by side (fixed | moving)", "Ctrl+Shift+3")):
+            a = act(text, lambda checked=False, k=key: self.set_view_layout(k), sc, True)
+            self.layout_group.addAction(a)
+            self.layout_actions[key] = a
+        self.layout_actions["four_up"].setChecked(True)
         self.load_actions = [self.act_open_fixed, self.act_open_moving, self.act_open_fixed_labels,
                              self.act_open_moving_labels, self.act_open_session, self.act_unload_all,
                              *self.unload_actions.values()]
@@ -335,6 +352,9 @@ class MainWindow(QMainWindow):
         for a in (self.act_cursor, self.act_window, self.act_pick_fixed, self.act_pick_moving):
             v.addAction(a)
         v.addSeparator()
+        lay = v.addMenu("Layout")
+        for a in self.layout_actions.values():
+            lay.addAction(a)
         v.addAction(self.act_reset_views)
         docks = v.addMenu("Panels")
         for d in self.findChildren(QDockWidget):
@@ -739,6 +759,28 @@ class MainWindow(QMainWindow):
                 pass
         self.cursor_label.setText("   |   ".join(parts))
 
+    @property
+    def view_layout(self) -> str:
+        if self.central_stack.currentWidget() is not self.side_by_side:
+            return "four_up"
+        return self.side_by_side.mode
+
+    def set_view_layout(self, layout: str) -> None:
+        """'four_up', 'runs' (two runs side by side, linked cursors) or 'landmarks' (fixed |
+        moving side by side: a click places the point of the image clicked)."""
+        if layout not in ("four_up", "runs", "landmarks"):
+            raise ValueError(f"layout must be 'four_up', 'runs' or 'landmarks', got {layout!r}")
+        if layout == "four_up":
+            self.central_stack.setCurrentIndex(0)
+        else:
+            self.side_by_side.set_mode(layout)
+            self.central_stack.setCurrentWidget(self.side_by_side)
+            if layout == "landmarks" and self._landmark_dock is not None:
+                self._landmark_dock.raise_()
+            if layout == "runs" and self._metrics_dock is not None:
+                self._metrics_dock.raise_()
+        self.layout_actions[layout].setChecked(True)
+
     def reset_views(self) -> None:
         for v in self.slice_views.values():
             v.fit()
@@ -873,6 +915,7 @@ class MainWindow(QMainWindow):
         self._flicker.stop()
         for v in self.slice_views.values():
             v.close_vtk()
+        self.side_by_side.close_vtk()
         self.view3d.close_vtk()
         super().closeEvent(event)
 
