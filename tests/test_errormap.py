@@ -123,7 +123,7 @@ def test_guided_correction_moves_guides_onto_partners_and_leaves_far_points():
     assert np.linalg.norm(corrected.transform_points(fpts) - mpts, axis=1).max() < 1.0
     corners = grid.index_to_physical(np.array([[x, y, z] for x in (1, 36) for y in (1, 32) for z in (1, 28)], float))
     dist = np.linalg.norm(corners[:, None] - fpts[None], axis=-1).min(1)
-    far = corners[dist > 4 * info["sigma_mm"]]                 # the correction has faded out there
+    far = corners[dist > 4 * max(info["widths_mm"])]         # the correction has faded out there
     assert len(far) >= 2
     np.testing.assert_allclose(corrected.transform_points(far), t.transform_points(far), atol=0.02)
     assert info["fold_fraction"] == 0.0 and field.shape == grid.shape
