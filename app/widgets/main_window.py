@@ -648,10 +648,11 @@ class MainWindow(QMainWindow):
 
     def _update_titles(self) -> None:
         """The run on screen named in the view titles."""
-        run = self.workspace.runs.current_run
+        runs = self.workspace.runs
+        run = runs.current_run
         for v in self.slice_views.values():
-            if hasattr(v, "set_subtitle"):
-                v.set_subtitle("" if run is None else f"run: {run.name}")
+            v.set_subtitle("" if run is None else f"run {runs.current + 1}")
+            v.setToolTip("" if run is None else f"showing run {runs.current + 1}: {run.name}")
 
     # ------------------------------------------------------------------ landmarks (part B)
     def _on_point_selected(self, xyz) -> None:

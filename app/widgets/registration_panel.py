@@ -249,7 +249,7 @@ class RegistrationPanel(QWidget):
         self.loss_plot = pg_.PlotWidget()
         self.loss_plot.setBackground("w")
         self.loss_plot.setMinimumHeight(130)
-        self.loss_plot.setLabel("left", "loss, per stage 0-1")
+        self.loss_plot.setLabel("left", "loss (scaled)")
         self.loss_plot.setLabel("bottom", "iteration (all stages)")
         self.loss_plot.showGrid(x=True, y=True, alpha=0.25)
         self.loss_plot.setMouseEnabled(x=False, y=False)
@@ -785,7 +785,7 @@ class RegistrationPanel(QWidget):
         for item, _, _ in self._pose_curves:
             self.loss_plot.removeItem(item)
         self._pose_curves = []
-        self.loss_plot.setLabel("left", "loss, per stage 0-1")
+        self.loss_plot.setLabel("left", "loss (scaled)")
         self.loss_plot.setTitle(None)
         self._curves = {}
         self._loss_seen = 0
