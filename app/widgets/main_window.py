@@ -375,6 +375,18 @@ class MainWindow(QMainWindow):
         for key in ("blend", "checkerboard", "difference", "flicker"):
             tb.addAction(self.mode_actions[key])
         tb.addSeparator()
+        for key in ("four_up", "runs", "landmarks"):
+            a = self.layout_actions[key]
+            tb.addAction(a)
+        # short toolbar texts so that it fits a 1366-pixel screen (menus keep the long ones)
+        for a, t in ((self.act_open_fixed, "Open fixed"), (self.act_open_moving, "Open moving"),
+                     (self.act_pick_fixed, "Pick fixed"), (self.act_pick_moving, "Pick moving"),
+                     (self.act_window, "W/L")):
+            a.setIconText(t)
+        self.layout_actions["four_up"].setIconText("Four-up")
+        self.layout_actions["runs"].setIconText("A | B")
+        self.layout_actions["landmarks"].setIconText("Fixed | moving")
+        tb.addSeparator()
         tb.addAction(self.act_reset_views)
         tb.addAction(self.act_save_results)
 
