@@ -77,6 +77,9 @@ REAL_METHODS = {
     "unsupervised": ("unsupervised", {}),
     "supervised_affine": ("supervised", {"stages": "affine"}),
     "supervised": ("supervised", {"stages": "affine+deformable"}),
+    "instance": ("instance", {}),                                   # after the iterative affine
+    "unsupervised+instance": ("unsupervised+instance", {}),
+    "supervised_affine+instance": ("supervised+instance", {"supervised.stages": "affine"}),
 }
 
 

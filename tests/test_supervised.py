@@ -225,3 +225,34 @@ def test_warm_start_from_a_two_stage_affine_stage(tmp_path):
     torch.testing.assert_close(model.pose.state_dict(), ref["model"].affine.state_dict())
     assert tr.preprocessing()["grid_shape"] == ref["preprocessing"]["grid_shape"]
     assert tr.record()["init"]["paradigm"] == "unsupervised"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_IXI, reason="IXI data not available")
+def test_cli_train_then_register(tmp_path):
+    import subprocess
+    import sys
+    root = checkpoints.CHECKPOINT_DIR.parents[1]
+
+    def run(*args):
+        return subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=root, capture_output=True, text=True,
+                              timeout=600)
+    ck = tmp_path / "tiny.pt"
+    tiny = ["grid=18x24x24", "spacing_mm=10", "pose_enc=4,8,8", "pose_dec=8,8", "max_train_subjects=2",
+            "max_val_pairs=1", "val_every=0", "batch_size=2", "points_per_pair=32", "threads=1"]
+    r = run("train", "--paradigm", "supervised", "--out", ck, "--steps", "2", "--no-progress",
+            *[x for p in tiny for x in ("--param", p)])
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint written" in r.stdout and ck.is_file()
+    fixed, moving = DEMO / "fixed_IXI174_T1.nii.gz", DEMO / "moving_IXI136_T1.nii.gz"
+    r = run("register", fixed, moving, "--paradigm", "supervised", "--param", "stages=affine", "--checkpoint", ck,
+            "--out", tmp_path / "reg", "--no-progress", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "reg" / "warped.nii.gz").is_file() and (tmp_path / "reg" / "transform.h5").is_file()
+    # no deformable net in this checkpoint: the default stages are refused with one clear line
+    r = run("register", fixed, moving, "--paradigm", "supervised", "--checkpoint", ck, "--out", tmp_path / "reg2",
+            "--no-progress", "--device", "cpu")
+    assert r.returncode == 1 and "no deformable net" in r.stderr and not (tmp_path / "reg2").exists()
+    r = run("register", fixed, moving, "--paradigm", "unsupervised", "--checkpoint", ck, "--out", tmp_path / "reg3",
+            "--no-progress", "--device", "cpu")
+    assert r.returncode == 1 and "supervised" in r.stderr

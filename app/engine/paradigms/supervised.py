@@ -85,6 +85,8 @@ class SupervisedTrainConfig(LoopConfig):
                                 range=(0.0, 50.0))
     field_spacing_mm: float = param(40.0, "deformable stage: control-point spacing of the random fields (mm)",
                                     range=(8.0, 200.0))
+    field_bank: int = param(128, "deformable stage: random fields made once and reused (random sign and size)",
+                            range=(1, 100_000))
     w_smooth: float = param(0.01, "deformable stage: weight of the gradient-L2 regulariser (voxels^2)",
                             range=(0.0, 1e4))
 

@@ -17,7 +17,8 @@ Losses
   draws the number of earlier (gradient-free) applications at random so the net learns large and
   small corrections.
 * deformable: the fixed image is ``moving(A(x + u(x)))`` with a smooth random field ``u``
-  (:func:`app.engine.synthetic.random_field` on the working grid, up to ``field_max_mm``); the
+  (:func:`app.engine.synthetic.random_field` on the working grid, up to ``field_max_mm``; a bank of
+  ``field_bank`` fields made once, each drawn with a random sign and size 30-100 %); the
   deformable net, on the moving image warped by the (frozen) pose net's ``A_pred``, regresses the
   remaining displacement ``r(x) = A_pred^-1(T(x)) - x``; loss = end-point error (mm) over the head +
   ``w_smooth`` x gradient-L2 of the field.
@@ -230,6 +231,12 @@ class SupervisedTrainer(Trainer):
             raise ValueError("supervised training needs a brain label map for every training subject (the loss "
                              "is measured on brain points)")
         self.points = [self._brain(s) for s in self.subjects]
+        self.field_bank: list[np.ndarray] = []
+        if self.stage == "deformable" and cfg.field_max_mm > 0:
+            # every working grid has the same shape, spacing and orientation: a field (xyz mm) fits any of them
+            bank_rng = np.random.default_rng([cfg.seed, 77])
+            self.field_bank = [S.random_field(self.subjects[0].grid, bank_rng, cfg.field_max_mm,
+                                              cfg.field_spacing_mm).array for _ in range(cfg.field_bank)]
         self.val_items: list[dict] = []
         if cfg.max_val_pairs and self.rank == 0:
             vsubj = D.load_subjects(list(split.get("val", []))[:cfg.max_val_pairs], self.prep, cfg.data_root, True, cache)
@@ -252,7 +259,9 @@ class SupervisedTrainer(Trainer):
             t = S.random_affine(rng, s.com, cfg.rot_deg, cfg.trans_mm, (1 - cfg.scale, 1 + cfg.scale), cfg.shear)
         field = None
         if self.stage == "deformable" and cfg.field_max_mm > 0:
-            field = S.random_field(s.grid, rng, rng.uniform(0.3, 1.0) * cfg.field_max_mm, cfg.field_spacing_mm).array
+            # a field of the bank (B-spline fields are ~0.1 s each to make), random sign and size
+            field = self.field_bank[int(rng.integers(len(self.field_bank)))] * (
+                rng.choice([-1.0, 1.0]) * rng.uniform(0.3, 1.0))
         p = pts[rng.choice(len(pts), min(cfg.points_per_pair, len(pts)), replace=False)]
         return {"subject": s, "truth": t, "moving_points": p, "field": field}
 
