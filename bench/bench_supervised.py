@@ -40,6 +40,7 @@ METHODS = {
     "supervised": ("supervised", {"stages": "affine"}),
     "supervised_rigid": ("supervised", {"stages": "rigid"}),
     "supervised_1pass": ("supervised", {"stages": "affine", "iterations": "1"}),
+    "supervised_3pass": ("supervised", {"stages": "affine", "iterations": "3"}),
 }
 
 
@@ -76,6 +77,8 @@ REAL_METHODS = {
     "unsupervised_affine": ("unsupervised", {"stages": "affine"}),
     "unsupervised": ("unsupervised", {}),
     "supervised_affine": ("supervised", {"stages": "affine"}),
+    "supervised_affine_1pass": ("supervised", {"stages": "affine", "iterations": "1"}),
+    "supervised_affine_3pass": ("supervised", {"stages": "affine", "iterations": "3"}),
     "supervised": ("supervised", {"stages": "affine+deformable"}),
     "instance": ("instance", {}),                                   # after the iterative affine
     "unsupervised+instance": ("unsupervised+instance", {}),
@@ -104,7 +107,7 @@ def summarise(rows: list[dict], keys: tuple, value: str) -> dict:
                 "seconds": round(float(np.mean([r["seconds"] for r in rr])), 3)} for g, rr in out.items()}
 
 
-def real_pairs(n: int, methods: list[str], checkpoint, out: Path, card: bool = False) -> int:
+def real_pairs(n: int, methods: list[str], checkpoint, out: Path, card: bool = False, merge: str = "") -> int:
     """Inter-subject IXI test pairs (Dice over the fixed labels, mean over labels), every method scored by
     ``evaluation.register_and_measure`` in this one run."""
     from app.engine import io
@@ -129,6 +132,12 @@ def real_pairs(n: int, methods: list[str], checkpoint, out: Path, card: bool = F
             with jsonl.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
+    if merge:
+        seen = {(r["fixed"], r["moving"]) for r in rows}
+        extra = [json.loads(line) for line in Path(merge).read_text().splitlines() if line.strip()]
+        extra = [r for r in extra if (r["fixed"], r["moving"]) in seen and r["method"] not in methods]
+        methods = list(dict.fromkeys([*[r["method"] for r in extra], *methods]))
+        rows = rows + extra
     lines = ["| method | pairs | Dice | fold % | s/pair | warned |", "|---|---|---|---|---|---|"]
     before = np.array([r["before"] for r in rows if r["method"] == methods[0]])
     lines.append(f"| before (identity) | {len(before)} | {before.mean():.3f} ± {before.std():.3f} | - | - | - |")
@@ -163,8 +172,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "supervised_known.json"))
     ap.add_argument("--card", action="store_true", help="write the summary into the supervised checkpoint's card")
-    ap.add_argument("--merge", default="", help="known cases: also table the rows of this earlier .jsonl (same cases, "
-                    "other methods)")
+    ap.add_argument("--merge", default="", help="also table the rows of this earlier .jsonl (same cases or pairs, "
+                    "other methods, same scoring code)")
     ap.add_argument("--real", type=int, default=0, help="instead: this many real inter-subject test pairs (Dice), "
                     "methods from " + ", ".join(REAL_METHODS))
     a = ap.parse_args()
@@ -175,7 +184,7 @@ def main() -> int:
                 raise SystemExit(f"unknown method {m!r} for --real; known: {', '.join(REAL_METHODS)}")
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        return real_pairs(a.real, methods, a.checkpoint, out, a.card)
+        return real_pairs(a.real, methods, a.checkpoint, out, a.card, a.merge)
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")

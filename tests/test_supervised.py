@@ -249,9 +249,9 @@ def test_cli_train_then_register(tmp_path):
             "--out", tmp_path / "reg", "--no-progress", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "reg" / "warped.nii.gz").is_file() and (tmp_path / "reg" / "transform.h5").is_file()
-    # no deformable net in this checkpoint: the default stages are refused with one clear line
-    r = run("register", fixed, moving, "--paradigm", "supervised", "--checkpoint", ck, "--out", tmp_path / "reg2",
-            "--no-progress", "--device", "cpu")
+    # no deformable net in this checkpoint: the deformable stage is refused with one clear line
+    r = run("register", fixed, moving, "--paradigm", "supervised", "--param", "stages=affine+deformable",
+            "--checkpoint", ck, "--out", tmp_path / "reg2", "--no-progress", "--device", "cpu")
     assert r.returncode == 1 and "no deformable net" in r.stderr and not (tmp_path / "reg2").exists()
     r = run("register", fixed, moving, "--paradigm", "unsupervised", "--checkpoint", ck, "--out", tmp_path / "reg3",
             "--no-progress", "--device", "cpu")

@@ -37,8 +37,9 @@ STAGES = ("rigid", "affine", "affine+deformable")
 
 @dataclass
 class SupervisedParams:
-    stages: str = param("affine+deformable", "rigid (the rigid part of the regressed pose), affine, or affine then "
-                                             "the regressed dense field", choices=STAGES)
+    stages: str = param("affine", "rigid (the rigid part of the regressed pose), affine, or affine then the regressed "
+                                  "dense field (needs a checkpoint trained with the deformable stage; the bundled one "
+                                  "has none)", choices=STAGES)
     iterations: int = param(0, "applications of the pose net, each on the moving image warped so far "
                                "(0: the checkpoint's own)", range=(0, 8))
 
@@ -77,6 +78,9 @@ class SupervisedTrainConfig(LoopConfig):
     scale: float = param(0.15, "training transforms (affine): scales in 1 +- scale", range=(0.0, 0.5))
     shear: float = param(0.1, "training transforms (affine): shears in +- shear", range=(0.0, 0.5))
     aug_intensity: bool = param(True, "random gamma, scale and noise on each image")
+    pose_field_mm: float = param(0.0, "pose stages: also deform the fixed image by a random smooth field of up to this "
+                                      "many mm (shape variation; the target stays the linear transform); 0: off",
+                                 range=(0.0, 50.0))
     points_per_pair: int = param(512, "brain points per pair in the point-distance loss", range=(8, 100_000))
     enc: str = param("8,16,32,32", "deformable net: U-Net encoder channels per level")
     dec: str = param("32,32,32,16", "deformable net: decoder channels (coarsest first, down to out_level)")

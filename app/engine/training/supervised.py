@@ -15,7 +15,9 @@ Losses
   between ``A(x)`` and ``T(x)`` over ``points_per_pair`` random brain points ``x`` of the fixed image
   (the moving labels > 0 mapped by ``T^-1``); the pose net is applied ``iterations`` times, training
   draws the number of earlier (gradient-free) applications at random so the net learns large and
-  small corrections.
+  small corrections. With ``pose_field_mm`` > 0 the fixed image also carries a random smooth
+  deformation (``fixed = moving(T(x + u(x)))``, the target still ``T``): shape variation between
+  subjects that the pose net must see through.
 * deformable: the fixed image is ``moving(A(x + u(x)))`` with a smooth random field ``u``
   (:func:`app.engine.synthetic.random_field` on the working grid, up to ``field_max_mm``; a bank of
   ``field_bank`` fields made once, each drawn with a random sign and size 30-100 %); the
@@ -232,7 +234,7 @@ class SupervisedTrainer(Trainer):
                              "is measured on brain points)")
         self.points = [self._brain(s) for s in self.subjects]
         self.field_bank: list[np.ndarray] = []
-        if self.stage == "deformable" and cfg.field_max_mm > 0:
+        if (self.stage == "deformable" and cfg.field_max_mm > 0) or (self.stage != "deformable" and cfg.pose_field_mm > 0):
             # every working grid has the same shape, spacing and orientation: a field (xyz mm) fits any of them
             bank_rng = np.random.default_rng([cfg.seed, 77])
             self.field_bank = [S.random_field(self.subjects[0].grid, bank_rng, cfg.field_max_mm,
@@ -258,6 +260,10 @@ class SupervisedTrainer(Trainer):
         else:
             t = S.random_affine(rng, s.com, cfg.rot_deg, cfg.trans_mm, (1 - cfg.scale, 1 + cfg.scale), cfg.shear)
         field = None
+        if self.stage != "deformable" and cfg.pose_field_mm > 0:
+            # shape variation the pose net must see through: fixed = moving(T(x + u(x))), target still T
+            field = self.field_bank[int(rng.integers(len(self.field_bank)))] * (
+                rng.choice([-1.0, 1.0]) * rng.uniform(0.0, 1.0) * cfg.pose_field_mm / max(cfg.field_max_mm, 1e-6))
         if self.stage == "deformable" and cfg.field_max_mm > 0:
             # a field of the bank (B-spline fields are ~0.1 s each to make), random sign and size
             field = self.field_bank[int(rng.integers(len(self.field_bank)))] * (
