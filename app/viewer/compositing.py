@@ -1,4 +1,5 @@
-"""Colour composition of one slice view: window/level, overlay modes, Jacobian map (numpy only).
+"""Colour composition of one slice view: window/level, overlay modes, Jacobian map, estimated
+registration-error map (numpy only).
 
 All inputs are 2D arrays on the pixels of one :class:`~app.viewer.slice_geometry.PlaneGrid`
 (row 0 = bottom of the screen); the output is an RGBA ``uint8`` image of the same shape.
@@ -13,6 +14,12 @@ GRID_RGB = (1.0, 0.85, 0.1)            # deformation grid lines (drawn by the sl
 FOLDING_RGB = np.array([1.0, 0.0, 1.0])
 JACOBIAN_RANGE = (0.25, 4.0)     # det shown from strong compression to strong expansion (log scale)
 JACOBIAN_ALPHA = 0.55
+
+ERROR_ALPHA = 0.75               # opacity of the error map at its top value (it fades to 0 at 0 mm)
+# "inferno" control points (perceptually uniform, dark = small error, bright yellow = large)
+_INFERNO = np.array([
+    [0.001, 0.000, 0.014], [0.258, 0.039, 0.406], [0.578, 0.148, 0.404],
+    [0.865, 0.317, 0.226], [0.988, 0.645, 0.040], [0.988, 0.998, 0.645]])
 
 # CIE-Lab "cool to warm" control points (Moreland), det = 0.25 ... 1 ... 4 on a log scale
 _COOLWARM = np.array([
@@ -62,6 +69,27 @@ def jacobian_rgb(det: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def error_table(n: int = 256) -> np.ndarray:
+    """(n, 3) RGB in [0, 1] for an estimated error from 0 mm to the colour bar's top, evenly spaced."""
+    x = np.linspace(0, 1, len(_INFERNO))
+    t = np.linspace(0, 1, n)
+    return np.stack([np.interp(t, x, _INFERNO[:, c]) for c in range(3)], 1)
+
+
+def error_rgba(error_mm: np.ndarray, max_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Colours ``(..., 3)`` and opacities ``(...)`` of estimated errors (mm) on a linear scale from
+    0 to ``max_mm``: the opacity grows with the error (``ERROR_ALPHA * e / max_mm``), so
+    well-registered regions show the anatomy and the worst ones stand out. NaN is transparent."""
+    top = max(float(max_mm), 1e-6)
+    e = np.asarray(error_mm, np.float64)
+    t = np.clip(np.nan_to_num(e / top, nan=0.0), 0.0, 1.0)
+    table = error_table()
+    rgb = table[np.round(t * (len(table) - 1)).astype(int)]
+    alpha = ERROR_ALPHA * t
+    alpha[~np.isfinite(e)] = 0.0
+    return rgb, alpha
+
+
 def checker_mask(u_mm: np.ndarray, v_mm: np.ndarray, square_mm: float) -> np.ndarray:
     """True on the 'odd' squares of a checkerboard anchored at u = v = 0 (so all views agree).
 
@@ -82,7 +110,8 @@ def compose(base: np.ndarray | None, base_inside: np.ndarray, *, overlay: np.nda
             jacobian: np.ndarray | None = None,
             jacobian_inside: np.ndarray | None = None,
             labels_rgb: np.ndarray | None = None, labels_mask: np.ndarray | None = None,
-            labels_opacity: float = 0.4) -> np.ndarray:
+            labels_opacity: float = 0.4, error: np.ndarray | None = None,
+            error_inside: np.ndarray | None = None, error_max_mm: float = 1.0) -> np.ndarray:
     """Compose one view's image.
 
     Parameters
@@ -106,6 +135,9 @@ def compose(base: np.ndarray | None, base_inside: np.ndarray, *, overlay: np.nda
         Jacobian determinant, shown as a heat map (log scale) with folding highlighted.
     labels_rgb, labels_mask : (nv, nu, 3) float in [0, 1] / (nv, nu) bool, optional
         A filled colour label map, blended with ``labels_opacity`` where ``labels_mask``.
+    error, error_inside : (nv, nu) float (mm) / bool, optional
+        Estimated registration error, drawn over everything else (:func:`error_rgba`, scale 0 to
+        ``error_max_mm``).
 
     Returns
     -------
@@ -148,6 +180,11 @@ def compose(base: np.ndarray | None, base_inside: np.ndarray, *, overlay: np.nda
         a = float(np.clip(labels_opacity, 0, 1))
         m = (np.ones_like(base_inside) if labels_mask is None else labels_mask)[..., None] * a
         rgb = rgb * (1 - m) + labels_rgb * m
+    if error is not None:
+        ergb, ealpha = error_rgba(error, error_max_mm)
+        if error_inside is not None:
+            ealpha = np.where(error_inside, ealpha, 0.0)
+        rgb = rgb * (1 - ealpha[..., None]) + ergb * ealpha[..., None]
     out = np.empty((nv, nu, 4), np.uint8)
     out[..., :3] = np.clip(np.round(rgb * 255), 0, 255)
     out[..., 3] = np.where(base_inside, 255, 0)

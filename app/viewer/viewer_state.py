@@ -49,6 +49,9 @@ class OverlaySettings:
     label_fill : 'none' | 'fixed' | 'warped': a filled colour label map (colours from the label
         table, :mod:`app.viewer.colour_table`)
     label_opacity : weight of the filled labels, [0, 1]
+    error_map : the current run's estimated registration-error map (mm) on/off
+        (:mod:`app.engine.errormap`; computed on demand, see :meth:`Workspace.set_error_map`)
+    error_max_mm : top of the error colour bar in mm; 0 = automatic (99th percentile of the map)
     """
 
     mode: str = "none"
@@ -64,6 +67,8 @@ class OverlaySettings:
     flicker_ms: int = 600
     label_fill: str = "none"
     label_opacity: float = 0.4
+    error_map: bool = False
+    error_max_mm: float = 0.0
 
     def validate(self) -> None:
         if self.mode not in OVERLAY_MODES:
@@ -78,6 +83,8 @@ class OverlaySettings:
             raise ValueError(f"label_fill must be one of {', '.join(LABEL_FILLS)}, got '{self.label_fill}'")
         if not 0 <= self.label_opacity <= 1:
             raise ValueError(f"label opacity must be in [0, 1], got {self.label_opacity}")
+        if not self.error_max_mm >= 0:
+            raise ValueError(f"error colour bar top must be >= 0 mm (0 = automatic), got {self.error_max_mm}")
         if self.grid_every_vox < 2:
             raise ValueError(f"grid spacing must be at least 2 voxels, got {self.grid_every_vox}")
 
@@ -100,6 +107,8 @@ class ViewerState:
         'fixed' and 'moving' (the warped image uses the moving one's).
     fixed_points, moving_points : (N, 3) float
         Landmarks shown as glyphs, LPS mm.
+    guide_fixed_points, guide_moving_points : (N, 3) float
+        Guide pairs of a landmark-guided correction, drawn apart from the landmarks, LPS mm.
     selected_point : (3,) float or None
     interaction : 'cursor' | 'window' | 'pick'
         What a left drag in a slice view does.
@@ -119,6 +128,8 @@ class ViewerState:
         self.windows: dict[str, tuple[float, float]] = {}
         self.fixed_points = np.zeros((0, 3))
         self.moving_points = np.zeros((0, 3))
+        self.guide_fixed_points = np.zeros((0, 3))
+        self.guide_moving_points = np.zeros((0, 3))
         self.selected_point: Optional[np.ndarray] = None
         self.interaction = "cursor"
         self.flicker_phase = 0
@@ -313,6 +324,14 @@ class ViewerState:
         self.selected_point = None if selected is None else np.asarray(selected, float).reshape(3)
         self.events.landmarks.emit()
 
+    def set_guides(self, fixed_points=None, moving_points=None) -> None:
+        """Guide glyphs to show (LPS mm, (N, 3)); None leaves a set unchanged. Emits ``landmarks()``."""
+        if fixed_points is not None:
+            self.guide_fixed_points = _points(fixed_points)
+        if moving_points is not None:
+            self.guide_moving_points = _points(moving_points)
+        self.events.landmarks.emit()
+
     def set_interaction(self, mode: str) -> None:
         if mode not in INTERACTIONS:
             raise ValueError(f"unknown interaction '{mode}'; use one of {', '.join(INTERACTIONS)}")
@@ -330,6 +349,41 @@ class ViewerState:
         """Voxel values (nearest voxel) of fixed / moving / warped at an LPS point (None outside)."""
         return {"fixed": sample_point(self.fixed, xyz), "moving": sample_point(self.moving, xyz),
                 "warped": sample_point(self.warped, xyz)}
+
+    # ------------------------------------------------------------------ error map
+    @property
+    def error_map(self) -> Optional[Volume]:
+        """The current result's estimated error map ``(z, y, x)`` mm on the fixed grid, or None."""
+        return None if self.result is None else getattr(self.result, "error_map", None)
+
+    def error_map_changed(self) -> None:
+        """The current result's error map was computed or dropped: redraw (emits ``layers('error_map')``)."""
+        self._cache.pop("error_scale", None)
+        self.events.layers.emit("error_map")
+
+    def error_scale_mm(self) -> float:
+        """Top of the error colour bar (mm): ``overlay.error_max_mm``, or when 0 the 99th percentile
+        of the current map (at least 0.1 mm, rounded up to 2 significant digits)."""
+        if self.overlay.error_max_mm > 0:
+            return float(self.overlay.error_max_mm)
+        em = self.error_map
+        if em is None:
+            return 1.0
+        key = ("error_scale", id(em))
+        if self._cache.get("error_scale", (None,))[0] != key:
+            a = em.array[np.isfinite(em.array)]
+            top = float(np.percentile(a, 99)) if a.size else 1.0
+            top = max(top, 0.1)
+            digits = 1 - int(np.floor(np.log10(top)))
+            top = float(np.ceil(top * 10 ** digits) / 10 ** digits)
+            self._cache["error_scale"] = (key, top)
+        return self._cache["error_scale"][1]
+
+    def error_at(self, xyz) -> Optional[float]:
+        """Estimated registration error (mm) of the current result at an LPS point (nearest voxel);
+        None without an error map or outside the fixed grid."""
+        v = sample_point(self.error_map, xyz)
+        return None if v is None else float(v)
 
     def has_data(self) -> bool:
         return self.reference is not None

@@ -2,15 +2,20 @@
 
 * ``state`` (:class:`ViewerState`): the image layers, the result on screen, cursor, overlays;
 * ``landmarks`` (:class:`LandmarkPairs`): corresponding points, with undo;
-* ``runs`` (:class:`RunHistory`): every registration of the session and the current one.
+* ``runs`` (:class:`RunHistory`): every registration of the session and the current one;
+* ``guides`` (:class:`LandmarkPairs`): guide pairs for a landmark-guided correction
+  (:func:`app.engine.guidance.guided_correction`), kept apart from the evaluation landmarks: they
+  never enter a registration's inputs nor the TRE of the runs.
 
 The workspace keeps them consistent (napari style: plain callbacks, no Qt):
 
 * the current run is the result the views show (``runs.current`` -> ``state.set_result``);
 * the landmark glyphs follow the pairs, and every run's TRE (before and after) is recomputed
   from its transform whenever the pairs change (the transforms are in memory);
-* replacing or closing the fixed or moving image makes its labels, its landmarks and every run
-  stale: :meth:`stale_if_replaced` lists them, :meth:`clear_dependents` drops them (the window
+* a run's estimated error map (:mod:`app.engine.errormap`) lives on its result; it is shown as an
+  overlay of the current run (:meth:`set_error_map`) and goes with the run;
+* replacing or closing the fixed or moving image makes its labels, its landmarks and guides and
+  every run (with its error map) stale: :meth:`stale_if_replaced` lists them, :meth:`clear_dependents` drops them (the window
   asks the user first).
 """
 from __future__ import annotations
@@ -32,11 +37,14 @@ class Workspace:
     def __init__(self, state: Optional[ViewerState] = None):
         self.state = state if state is not None else ViewerState()
         self.landmarks = LandmarkPairs()
+        self.guides = LandmarkPairs()
         self.runs = RunHistory()
         self.runs.events.current.connect(self._on_current_run)
         self.runs.events.cleared.connect(lambda: self.state.set_result(None))
         self.runs.events.added.connect(lambda i: self._update_tre(i))
         self.landmarks.events.changed.connect(self._on_landmarks_change)
+        self.guides.events.changed.connect(self._on_guides_change)
+        self.state.events.layers.connect(self._on_layer_change)
 
     # ------------------------------------------------------------------ runs
     def add_run(self, result, metrics: Optional[dict] = None, name: Optional[str] = None, select: bool = True) -> int:
@@ -68,6 +76,45 @@ class Workspace:
         self.state.set_landmarks(lm.all_points("fixed"), lm.all_points("moving"), self.state.selected_point)
         self.recompute_tre()
 
+    def _on_guides_change(self, select=None) -> None:
+        g = self.guides
+        self.state.set_guides(g.all_points("fixed"), g.all_points("moving"))
+
+    # ------------------------------------------------------------------ error maps
+    def set_error_map(self, index: int, volume, info: Optional[dict] = None) -> None:
+        """Attach an estimated error map (Volume, mm on the fixed grid) and its summary (the info
+        dict of :func:`app.engine.errormap.estimate_error_map`) to run ``index``; the overlay
+        shows it when that run is current."""
+        run = self.runs[index]
+        if run.result is None:
+            raise ValueError(f"run {run.name!r} has no result to attach an error map to")
+        if volume is not None and self.state.fixed is not None and volume.shape != self.state.fixed.shape:
+            raise ValueError(f"error map {volume.shape} is not on the fixed grid {self.state.fixed.shape}")
+        run.result.error_map = volume
+        self.runs.update_metrics(index, dict(info or {}))
+        if index == self.runs.current:
+            self.state.error_map_changed()
+
+    def _on_layer_change(self, name: str) -> None:
+        if name in ("fixed", "moving"):
+            self.drop_error_maps()      # estimated on the old image: runs kept anyway lose them
+
+    def drop_error_maps(self) -> None:
+        """Forget every run's error map and its summary (their image changed)."""
+        dropped = False
+        for i, run in enumerate(self.runs.runs):
+            had = run.result is not None and getattr(run.result, "error_map", None) is not None
+            if had:
+                run.result.error_map = None
+            keys = [k for k in run.metrics if k.startswith("error_map_")]
+            for k in keys:
+                del run.metrics[k]
+            if had or keys:
+                dropped = True
+                self.runs.events.changed.emit(i)
+        if dropped:
+            self.state.error_map_changed()
+
     # ------------------------------------------------------------------ stale data
     def stale_if_replaced(self, role: str) -> list[str]:
         """What replacing or closing layer ``role`` makes stale, as phrases for the user (empty
@@ -81,18 +128,22 @@ class Workspace:
         n = self.landmarks.point_count(role)
         if n:
             out.append(f"{n} {role} landmark{'s' if n != 1 else ''}")
+        n = self.guides.point_count(role)
+        if n:
+            out.append(f"{n} {role} guide point{'s' if n != 1 else ''}")
         if len(self.runs):
             k = len(self.runs)
             out.append(f"{k} registration run{'s' if k != 1 else ''} and their metrics")
         return out
 
     def clear_dependents(self, role: str) -> None:
-        """Drop the label map and the landmarks of image ``role`` and every run."""
+        """Drop the label map, the landmarks and guides of image ``role`` and every run."""
         if role not in ("fixed", "moving"):
             return
         if getattr(self.state, f"{role}_labels") is not None:
             self.state.set_layer(f"{role}_labels", None)
         self.landmarks.clear_side(role)
+        self.guides.clear_side(role)
         self.runs.clear()
 
     def set_layer(self, role: str, volume, path=None, *, keep_dependents: bool = False) -> None:
@@ -112,6 +163,7 @@ class Workspace:
         """Close every layer, landmark and run."""
         self.runs.clear()
         self.landmarks.clear()
+        self.guides.clear()
         for role in ("moving_labels", "fixed_labels", "moving", "fixed"):
             self.state.set_layer(role, None)
 

@@ -151,6 +151,7 @@ class MainWindow(QMainWindow):
         self.overlay_panel = OverlayPanel(self.state)
         self._overlay_dock = self._add_dock("Overlays", self.overlay_panel, Qt.LeftDockWidgetArea, scroll=True)
         self._build_part_b_docks()
+        self._build_trust_dock()
         self._build_actions()
         self._build_menus()
         self._build_toolbar()
@@ -321,7 +322,7 @@ class MainWindow(QMainWindow):
             return a
         self.toggle_actions = {k: toggle(t, k) for k, t in (
             ("contours_fixed", "Fixed label contours"), ("contours_warped", "Warped label contours"),
-            ("grid", "Deformation grid"), ("jacobian", "Jacobian map"))}
+            ("grid", "Deformation grid"), ("jacobian", "Jacobian map"), ("error_map", "Error map"))}
 
     def _build_menus(self) -> None:
         mb = self.menuBar()
@@ -666,6 +667,58 @@ class MainWindow(QMainWindow):
             v.set_subtitle("" if run is None else f"run {runs.current + 1}")
             v.setToolTip("" if run is None else f"showing run {runs.current + 1}: {run.name}")
 
+    # ------------------------------------------------------------------ trust (error map, guided correction)
+    def _build_trust_dock(self) -> None:
+        """The trust panel (error map of the current run, landmark-guided correction), tabbed with
+        the panels on the right; its jobs run on this window's engine thread."""
+        self.trust_panel = self.guide_panel = None
+        try:
+            from .trust_panel import TrustPanel
+        except ImportError as e:
+            self._part_b_missing.append(f"trust panel ({e.name or e})")
+            return
+        rp = self.registration_panel
+
+        def checkpoint_for(key):
+            if rp is not None and rp.is_learned and getattr(rp, "paradigm_key", None) == key:
+                return rp.checkpoint
+            return None
+        self.trust_panel = tp = TrustPanel(self.workspace, self.engine, add_run=self.add_run,
+                                           checkpoint_for=checkpoint_for,
+                                           device=(lambda: rp.device) if rp is not None else None)
+        self.guide_panel = tp.guide_panel
+        # guides are autosaved like the landmarks (an earlier session's file is kept aside first)
+        kept = session_io.keep_previous_autosave(session_io.guides_autosave_path(self))
+        if kept is not None:
+            QTimer.singleShot(0, lambda: self.statusBar().showMessage(
+                f"Guide pairs autosaved by an earlier session were kept in {kept}", 15000))
+        self.guide_panel.set_autosave_path(session_io.guides_autosave_path(self))
+        self.guide_panel.data_dir = self.data_dir
+        tp.goto_requested.connect(self.state.set_cursor)
+        self.guide_panel.pick_target_changed.connect(self._on_guide_pick_change)
+        if self.metrics_panel is not None and hasattr(self.metrics_panel, "goto_requested"):
+            self.metrics_panel.goto_requested.connect(self.state.set_cursor)
+        self._trust_dock = self._add_dock("Trust", tp, Qt.RightDockWidgetArea, scroll=True)
+        others = [d for d in self.findChildren(QDockWidget)
+                  if d is not self._trust_dock and self.dockWidgetArea(d) == Qt.RightDockWidgetArea]
+        if others:
+            self.tabifyDockWidget(others[-1], self._trust_dock)
+            first = [d for d in others if d.windowTitle() == "Registration"] or others
+            first[0].raise_()           # the registration panel stays in front
+
+    def _on_guide_pick_change(self, which) -> None:
+        """The guide panel's pick buttons: picking guides stops picking landmarks and back."""
+        if which in ("fixed", "moving"):
+            lp = self.landmark_panel
+            if lp is not None:
+                was = lp.blockSignals(True)     # no round trip through 'cursor' (it would end this pick)
+                lp.pick_target = None
+                lp.blockSignals(was)
+            self._apply_interaction("pick", which)
+            self._trust_dock.raise_()
+        elif self.state.interaction == "pick" and (self.landmark_panel is None or self.landmark_panel.pick_target is None):
+            self._apply_interaction("cursor", None)
+
     # ------------------------------------------------------------------ landmarks (part B)
     def _on_point_selected(self, xyz) -> None:
         p = np.asarray(xyz, float).reshape(3)
@@ -673,6 +726,10 @@ class MainWindow(QMainWindow):
         self.state.set_cursor(p)
 
     def _on_view_clicked(self, xyz) -> None:
+        gp = self.guide_panel
+        if gp is not None and gp.pick_target in ("fixed", "moving"):
+            gp.add_point(gp.pick_target, np.asarray(xyz, float))
+            return
         lp = self.landmark_panel
         if lp is not None and lp.pick_target in ("fixed", "moving"):
             lp.add_point(lp.pick_target, np.asarray(xyz, float))
@@ -694,7 +751,14 @@ class MainWindow(QMainWindow):
             self._apply_interaction("cursor", None)
 
     def _apply_interaction(self, mode: str, target: str | None) -> None:
-        if mode == "pick" and self._landmark_dock is not None:
+        gp = getattr(self, "guide_panel", None)
+        if gp is not None and gp.pick_target is not None and (mode != "pick" or gp.pick_target != target
+                                                             or (self.landmark_panel is not None
+                                                                 and self.landmark_panel.pick_target is not None)):
+            was = gp.blockSignals(True)
+            gp.pick_target = None
+            gp.blockSignals(was)
+        if mode == "pick" and self._landmark_dock is not None and (gp is None or gp.pick_target is None):
             self._landmark_dock.raise_()
         # picking on the moving image shows the moving image; the overlay comes back afterwards
         if mode == "pick" and target == "moving":
@@ -770,6 +834,9 @@ class MainWindow(QMainWindow):
                 parts.append(f"det J: {self.workspace.jacobian_at(p):.3f}")
             except Exception:  # noqa: BLE001 - a transform that cannot be evaluated there
                 pass
+        err = st.error_at(p)
+        if err is not None:
+            parts.append(f"est. error: {err:.2f} mm")
         self.cursor_label.setText("   |   ".join(parts))
 
     @property
@@ -842,17 +909,24 @@ class MainWindow(QMainWindow):
         self.session_path = Path(path)
         if self.landmark_panel is not None:
             self.landmark_panel.set_autosave_path(session_io.landmarks_autosave_path(self))
+        if getattr(self, "guide_panel", None) is not None:
+            self.guide_panel.set_autosave_path(session_io.guides_autosave_path(self))
 
     def open_session(self, path) -> bool:
         """Restore a saved session; on failure show why and keep the current work."""
         lp = self.landmark_panel
         if lp is not None:
             lp.set_autosave_path(None)   # do not overwrite the current autosave while loading
+        gp = getattr(self, "guide_panel", None)
+        if gp is not None:
+            gp.set_autosave_path(None)
         try:
             session_io.load_session(self, path)
         except Exception as e:  # noqa: BLE001
             if lp is not None:
                 lp.set_autosave_path(session_io.landmarks_autosave_path(self))
+            if gp is not None:
+                gp.set_autosave_path(session_io.guides_autosave_path(self))
             self.show_error("Could not open the session", f"{Path(path).name}:\n{e}")
             return False
         self._set_session_path(path)

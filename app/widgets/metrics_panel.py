@@ -43,6 +43,11 @@ SUMMARY_ROWS: list[tuple[str, str, float, str]] = [
     ("TRE max (mm)", "tre_max_mm", 1.0, "{:.2f}"),
     ("Folding (%)", "fold_fraction", 100.0, "{:.3f}"),
     ("SDlogJ", "sdlogj", 1.0, "{:.4f}"),
+    # estimated registration error (app.engine.errormap) and landmark-guided correction
+    ("Est. error mean (mm)", "error_map_mean_mm", 1.0, "{:.2f}"),
+    ("Est. error p95 (mm)", "error_map_p95_mm", 1.0, "{:.2f}"),
+    ("Guide TRE uncorrected (mm)", "guide_tre_uncorrected_mm", 1.0, "{:.2f}"),
+    ("Guide TRE (mm)", "guide_tre_mm", 1.0, "{:.2f}"),
 ]
 _INFO_ROWS = [("Runtime (s)", "runtime_s"), ("Device", "device"), ("Paradigm", "paradigm"),
               ("Checkpoint", "checkpoint")]
@@ -115,9 +120,12 @@ class MetricsPanel(QWidget):
     -------
     run_selected(int)
         The user picked run ``index`` in the history (show its warped layer).
+    goto_requested(object)
+        ``(3,)`` LPS mm: the user asked to see where the run's largest estimated errors are.
     """
 
     run_selected = Signal(int)
+    goto_requested = Signal(object)
 
     def __init__(self, parent: Optional[QWidget] = None, model: Optional[RunHistory] = None):
         super().__init__(parent)
@@ -166,6 +174,13 @@ class MetricsPanel(QWidget):
         self.export_button.setToolTip("Save the table shown as CSV")
         self.info_label = QLabel("No runs yet")
         self.info_label.setWordWrap(True)
+        # where the current run's largest estimated errors are, with a link that moves the cursor
+        self.error_link = QLabel("")
+        self.error_link.setWordWrap(True)
+        self.error_link.setTextFormat(Qt.RichText)
+        self.error_link.setTextInteractionFlags(Qt.LinksAccessibleByMouse | Qt.LinksAccessibleByKeyboard)
+        self.error_link.linkActivated.connect(lambda _=None: self.goto_worst_error())
+        self.error_link.hide()
 
         hist = QWidget()
         hl = QVBoxLayout(hist)
@@ -190,6 +205,7 @@ class MetricsPanel(QWidget):
         buttons.addWidget(self.export_button)
         lay = QVBoxLayout(self)
         lay.addWidget(split, 1)
+        lay.addWidget(self.error_link)
         lay.addLayout(buttons)
 
         self.history.currentRowChanged.connect(self._on_history_change)
@@ -364,9 +380,33 @@ class MetricsPanel(QWidget):
         if 0 <= row < len(self._runs):
             self.model.set_current(row)        # -> _on_current_change -> run_selected
 
+    def goto_worst_error(self) -> Optional[np.ndarray]:
+        """Emit ``goto_requested`` with the current run's ``error_map_peak_mm`` (LPS mm)."""
+        run = self._current_run()
+        peak = None if run is None else run["metrics"].get("error_map_peak_mm")
+        if peak is None:
+            return None
+        p = np.asarray(peak, float).reshape(3)
+        self.goto_requested.emit(p)
+        return p
+
+    def _show_error_link(self, run) -> None:
+        m = {} if run is None else run["metrics"]
+        p95, peak = _num(m.get("error_map_p95_mm")), m.get("error_map_peak_mm")
+        if p95 is None:
+            self.error_link.hide()
+            return
+        text = f"Estimated error: 95 % of the head below {p95:.2f} mm"
+        if peak is not None:
+            xyz = ", ".join(f"{float(v):.1f}" for v in peak)
+            text += f"; largest around LPS ({xyz}) mm — <a href='#peak'>go there</a>"
+        self.error_link.setText(text)
+        self.error_link.show()
+
     def _show_run(self, run: Optional[dict]) -> None:
         self._fill_summary(run)
         self._fill_labels(run)
+        self._show_error_link(run)
         if run is None:
             self.info_label.setText("No runs yet" if not self._runs else "")
         else:

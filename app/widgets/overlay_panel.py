@@ -1,5 +1,5 @@
 """Overlay controls: mode, source, opacity, checker size, flicker, label contours, deformation
-grid, Jacobian map and window/level presets. Reads and writes :class:`ViewerState` only."""
+grid, Jacobian map, estimated error map and window/level presets. Reads and writes :class:`ViewerState` only."""
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
@@ -105,6 +105,9 @@ class OverlayPanel(QWidget):
         self.jacobian_box = QCheckBox("Jacobian map (magenta = folding)")
         self.jacobian_box.setToolTip("log-scale heat map of det J: blue = compression, red = expansion, "
                                      "magenta = folding (det <= 0)")
+        self.error_map_box = QCheckBox("Estimated error map (mm)")
+        self.error_map_box.setToolTip("Where the current run is likely wrong (compute it in the Trust panel); "
+                                      "dark = small, bright yellow = large estimated error")
         deform = QGroupBox("Deformation")
         dv = QFormLayout(deform)
         grow = QHBoxLayout()
@@ -112,6 +115,7 @@ class OverlayPanel(QWidget):
         grow.addWidget(self.grid_spin)
         dv.addRow(grow)
         dv.addRow(self.jacobian_box)
+        dv.addRow(self.error_map_box)
 
         self.preset_combo = QComboBox()
         for name in WL_PRESETS:
@@ -151,6 +155,7 @@ class OverlayPanel(QWidget):
         self.grid_box.toggled.connect(lambda on: self._set(grid=on))
         self.grid_spin.valueChanged.connect(lambda v: self._set(grid_every_vox=int(v)))
         self.jacobian_box.toggled.connect(lambda on: self._set(jacobian=on))
+        self.error_map_box.toggled.connect(lambda on: self._set(error_map=on))
         self.apply_preset_button.clicked.connect(self.apply_preset)
         self.preset_combo.activated.connect(lambda i: self.apply_preset())
 
@@ -185,7 +190,8 @@ class OverlayPanel(QWidget):
         o = self.state.overlay
         widgets = (self.mode_combo, self.source_combo, self.opacity_slider, self.false_colour_box,
                    self.checker_spin, self.flicker_spin, self.contours_fixed_box, self.contours_warped_box,
-                   self.grid_box, self.grid_spin, self.jacobian_box, self.fill_combo, self.fill_opacity)
+                   self.grid_box, self.grid_spin, self.jacobian_box, self.fill_combo, self.fill_opacity,
+                   self.error_map_box)
         for w in widgets:
             w.blockSignals(True)
         try:
@@ -201,6 +207,7 @@ class OverlayPanel(QWidget):
             self.grid_box.setChecked(o.grid)
             self.grid_spin.setValue(o.grid_every_vox)
             self.jacobian_box.setChecked(o.jacobian)
+            self.error_map_box.setChecked(o.error_map)
             self.fill_combo.setCurrentIndex(self.fill_combo.findData(o.label_fill))
             self.fill_opacity.setValue(int(round(o.label_opacity * 100)))
         finally:
@@ -218,6 +225,7 @@ class OverlayPanel(QWidget):
         self.grid_box.setEnabled(has_result)
         self.grid_spin.setEnabled(has_result)
         self.jacobian_box.setEnabled(has_result)
+        self.error_map_box.setEnabled(st.error_map is not None)
         self.contours_fixed_box.setEnabled(st.fixed_labels is not None)
         self.contours_warped_box.setEnabled(st.moving_labels is not None or
                                             (has_result and st.result.warped_labels is not None))

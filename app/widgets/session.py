@@ -2,7 +2,8 @@
 
 A session file holds the workspace (:class:`app.viewer.workspace.Workspace`): the image and label
 files (paths relative to the session file when they are below it, absolute otherwise), cursor,
-overlay settings, window/levels, per-view cameras, the landmark pairs and the run history (name,
+overlay settings, window/levels, per-view cameras, the landmark pairs, the guide pairs of a
+landmark-guided correction and the run history (name,
 time, paradigm, parameters, checkpoint, pipeline stages, metrics). Each run's transform is
 written next to the session, compactly (``<stem>_runs/run<i>.npz``, see
 :mod:`app.viewer.transform_store`; older sessions' ``.h5`` files are still read), so that
@@ -76,6 +77,7 @@ def session_dict(win: "MainWindow", path: Path) -> dict:
         "runs": [],
         "current_run": win.workspace.runs.current,
         "landmarks": win.workspace.landmarks.to_dict(),
+        "guides": win.workspace.guides.to_dict(),
     }
     if win.label_table_path:
         d["label_table"] = _rel(win.label_table_path, base)
@@ -150,6 +152,8 @@ def load_session(win: "MainWindow", path) -> None:
         st.set_cursor(d["cursor"])
     if "landmarks" in d:
         win.workspace.landmarks.from_dict(d["landmarks"])
+    if d.get("guides"):
+        win.workspace.guides.from_dict(d["guides"])
     _restore_runs(win, d, base)
     if win.metrics_panel is not None:
         names = d.get("label_names") or (d.get("metrics_panel") or {}).get("label_names") or {}
@@ -215,6 +219,14 @@ def landmarks_autosave_path(win: "MainWindow") -> Path:
     if win.session_path is not None:
         return win.session_path.with_name(win.session_path.stem + ".landmarks.json")
     return Path(win.autosave_dir) / "landmarks.json"
+
+
+def guides_autosave_path(win: "MainWindow") -> Path:
+    """Where the guide pairs (landmark-guided correction) are autosaved: beside the landmarks'
+    autosave, ``<session>.guides.json`` (``guides.json`` in the autosave folder)."""
+    p = landmarks_autosave_path(win)
+    name = p.name[:-len("landmarks.json")] + "guides.json" if p.name.endswith("landmarks.json") else p.stem + ".guides.json"
+    return p.with_name(name)
 
 
 def keep_previous_autosave(path: Path) -> Path | None:

@@ -7,8 +7,9 @@ plane millimetres: world x = u (screen right), world y = v (screen up), so aniso
 keep their physical aspect and oblique images are resampled in physical space.
 
 Layers, bottom to top: the composed image (fixed with window/level; overlay mode blend /
-checkerboard / difference / flicker; Jacobian heat map; deformation grid; see
-:mod:`app.viewer.compositing`), label contours (fixed, warped), landmark glyphs, crosshair.
+checkerboard / difference / flicker; Jacobian heat map; estimated registration-error map with its
+colour bar in mm; deformation grid; see :mod:`app.viewer.compositing`), label contours (fixed,
+warped), landmark glyphs, guide glyphs (squares), crosshair.
 
 Mouse and keys: see :mod:`app.widgets.slice_interaction` (wheel = slice, right drag = zoom,
 middle drag = pan, left = cursor / window-level / landmark pick).
@@ -39,6 +40,8 @@ CONTOUR_WARPED_RGB = (1.0, 0.3, 0.9)
 LANDMARK_FIXED_RGB = (0.2, 0.6, 1.0)
 LANDMARK_MOVING_RGB = (1.0, 0.55, 0.1)
 LANDMARK_RADIUS_MM = 3.0
+GUIDE_FIXED_RGB = (0.3, 1.0, 0.85)       # guide pairs (landmark-guided correction): squares
+GUIDE_MOVING_RGB = (1.0, 0.95, 0.2)
 
 
 class SliceView(QWidget):
@@ -149,6 +152,8 @@ class SliceView(QWidget):
         self._lm_fixed = line_actor(LANDMARK_FIXED_RGB, 2.0, 2.0)
         self._lm_moving = line_actor(LANDMARK_MOVING_RGB, 2.0, 2.1)
         self._lm_selected = line_actor((1.0, 1.0, 1.0), 2.5, 2.2)
+        self._guide_fixed = line_actor(GUIDE_FIXED_RGB, 2.0, 2.3)
+        self._guide_moving = line_actor(GUIDE_MOVING_RGB, 2.0, 2.4)
         self._crosshair = line_actor(CROSSHAIR_RGB, 1.0, 3.0, 0.75)
 
         self._letters = []
@@ -195,6 +200,29 @@ class SliceView(QWidget):
         self.scalar_bar.UnconstrainedFontSizeOn()
         self.scalar_bar.VisibilityOff()
         self.renderer.AddViewProp(self.scalar_bar)
+
+        # the estimated error map's colour bar (mm); its range follows ViewerState.error_scale_mm
+        self.error_lut = vtkLookupTable()
+        vtk_adapter.table_to_lut(self.error_lut, comp.error_table())
+        self.error_lut.SetRange(0.0, 1.0)
+        self.error_bar = vtkScalarBarActor()
+        self.error_bar.SetLookupTable(self.error_lut)
+        self.error_bar.SetTitle("error\n(mm)")
+        self.error_bar.SetNumberOfLabels(5)
+        self.error_bar.SetLabelFormat("%.3g")
+        self.error_bar.SetMaximumWidthInPixels(56)
+        self.error_bar.SetBarRatio(0.3)
+        self.error_bar.GetPositionCoordinate().SetCoordinateSystemToNormalizedViewport()
+        self.error_bar.SetPosition(0.89, 0.1)
+        self.error_bar.SetWidth(0.11)
+        self.error_bar.SetHeight(0.75)
+        for tp in (self.error_bar.GetLabelTextProperty(), self.error_bar.GetTitleTextProperty()):
+            tp.SetFontSize(11)
+            tp.ShadowOff()
+            tp.ItalicOff()
+        self.error_bar.UnconstrainedFontSizeOn()
+        self.error_bar.VisibilityOff()
+        self.renderer.AddViewProp(self.error_bar)
 
     # ------------------------------------------------------------------ state events
     def _mark(self, *what: str) -> None:
@@ -249,7 +277,7 @@ class SliceView(QWidget):
         if self.plane is None:
             for a in (self.image_actor, self._grid[1], self._contour_fixed[1], self._contour_warped[1],
                       self._lm_fixed[1], self._lm_moving[1], self._lm_selected[1], self._crosshair[1],
-                      self.scalar_bar):
+                      self.scalar_bar, self.error_bar, self._guide_fixed[1], self._guide_moving[1]):
                 a.VisibilityOff()
             self._title.setText(self.orientation.capitalize())
             self.rgba = None
@@ -319,6 +347,11 @@ class SliceView(QWidget):
             if jac is not None:
                 jac_inside = base_inside
                 show_bar = True
+        err = err_inside = None
+        err_max = 1.0
+        if ov.error_map and st.error_map is not None:
+            err, err_inside = self._sampled("error_map", st.error_map, 1)
+            err_max = st.error_scale_mm()
         lab_rgb = lab_mask = None
         fill = st.fixed_labels if ov.label_fill == "fixed" else st.warped_labels() if ov.label_fill == "warped" else None
         if fill is not None:
@@ -330,11 +363,17 @@ class SliceView(QWidget):
                                  mode=ov.mode, opacity=ov.opacity, checker=checker,
                                  false_colour=ov.false_colour, flicker_phase=st.flicker_phase,
                                  jacobian=jac, jacobian_inside=jac_inside, labels_rgb=lab_rgb,
-                                 labels_mask=lab_mask, labels_opacity=ov.label_opacity)
+                                 labels_mask=lab_mask, labels_opacity=ov.label_opacity,
+                                 error=err, error_inside=err_inside, error_max_mm=err_max)
         vtk_adapter.rgba_image(self.rgba, plane.origin_uv, plane.spacing_uv, self.vtk_image)
         self.image_actor.GetMapper().SetInputData(self.vtk_image)
         self.image_actor.VisibilityOn()
         self.scalar_bar.SetVisibility(show_bar)
+        self.error_bar.SetVisibility(err is not None)
+        if err is not None:
+            self.error_lut.SetRange(0.0, err_max)
+            # beside the Jacobian bar when both are shown
+            self.error_bar.SetPosition(0.78 if show_bar else 0.89, 0.1)
 
     def _update_contours(self) -> None:
         st, ov = self.state, self.state.overlay
@@ -397,6 +436,23 @@ class SliceView(QWidget):
             if lines:
                 # a cross in the middle of each circle marks the exact spot
                 lines += [np.array([[c[0, 0] - 2 * r, c[0, 1], 0], [c[0, 0] - r, c[0, 1], 0]]) for c in lines]
+                vtk_adapter.polylines_polydata(lines, poly)
+                actor.VisibilityOn()
+            else:
+                actor.VisibilityOff()
+        # guide pairs: squares (landmarks are circles), so the two kinds of points never mix up
+        for pts, (poly, actor) in ((st.guide_fixed_points, self._guide_fixed),
+                                   (st.guide_moving_points, self._guide_moving)):
+            if len(pts) == 0:
+                actor.VisibilityOff()
+                continue
+            uvs = plane.from_lps(pts)
+            near = np.abs(uvs[:, 2] - plane.offset) <= tol
+            r = LANDMARK_RADIUS_MM
+            sq = np.array([[-r, -r, 0], [r, -r, 0], [r, r, 0], [-r, r, 0], [-r, -r, 0]])
+            lines = [np.array([c[0], c[1], 0.0]) + sq for c in uvs[near]]
+            lines += [np.array([[c[0] - r, c[1], 0], [c[0] + r, c[1], 0]]) for c in uvs[near]]
+            if lines:
                 vtk_adapter.polylines_polydata(lines, poly)
                 actor.VisibilityOn()
             else:
