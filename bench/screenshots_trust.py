@@ -10,9 +10,10 @@ Correct. Writes (small PNGs):
 * ``trust_error_map_window.png``   the whole window with the overlay, its colour bar and the metrics panel;
 * ``trust_error_map_axial.png``    the axial view alone (cursor on the worst region);
 * ``trust_correction_window.png``  the window after Correct (new run listed, guide TRE in the metrics);
-* ``trust_correction_before_after.png``  axial view at the first guide, uncorrected | corrected
+* ``trust_correction_before_after.png``  the two-run layout at the first guide, uncorrected | corrected
   (zoomed; the fixed image with the deformation grid, which bends only around the guides;
-  fixed guides as cyan squares).
+  fixed guides as cyan squares);
+* ``trust_error_map_before_after.png``  the same layout, both runs' error maps on one colour scale.
 """
 from __future__ import annotations
 
@@ -138,25 +139,45 @@ def main(argv=None) -> int:
     g = new.metrics["guidance"]
     print(f"{new.name}: guide TRE {g['guide_tre_before_mm']:.2f} -> {g['guide_tre_after_mm']:.2f} mm, "
           f"Dice {ws.runs[0].metrics.get('dice_mean'):.4f} -> {new.metrics.get('dice_mean'):.4f}, "
-          f"sigma {g['sigma_mm']} mm")
+          f"widths {g.get('widths_mm')} mm")
 
-    # -- before / after at the first guide, zoomed: fixed image and deformation grid
+    # -- before | after side by side (the workstation's two-run layout, linked cursors), at the first
+    #    guide: the deformation grid bends only around the guides; then both error maps on one scale
     first = ws.guides.fixed_landmarks().points[0]
+    corrected = len(ws.runs) - 1
     st.set_cursor(first)
     st.set_overlay(error_map=False, mode="none", grid=True, grid_every_vox=4)
-    settle(0.1)
-    ax.fit()
-    ax.zoom(1.6, about_display=ax.lps_to_display(first))
-    strips = []
-    for i in (0, len(ws.runs) - 1):
-        w.select_run(i)
-        settle(0.1)
-        strips.append(ax.grab_pixels())
-    h = min(p.shape[0] for p in strips)
-    gap = np.full((h, 6, 3), 255, np.uint8)
-    save_rgb(np.concatenate([strips[0][:h], gap, strips[1][:h]], 1), "trust_correction_before_after.png")
+    w.select_run(0)
+    w.set_view_layout("runs")
+    sbs = w.side_by_side
+    sbs.set_run_b(corrected)
+    settle()
+
+    def grab_side_by_side(name: str, zoom: float) -> None:
+        sbs.flush()
+        for v in sbs.views():
+            v.fit()
+            if zoom != 1.0:
+                v.zoom(zoom, about_display=v.lps_to_display(first))
+        settle()
+        top_left = sbs.mapToGlobal(sbs.rect().topLeft())
+        pix = app.primaryScreen().grabWindow(0, top_left.x(), top_left.y(), sbs.width(), sbs.height())
+        pix.save(str(out / name))
+        _shrink(out / name)
+        print("saved", out / name)
+
+    grab_side_by_side("trust_correction_before_after.png", 1.6)
     _raise_dock(w, "Trust")
     shot("trust_correction_window.png")
+    w.select_run(corrected)
+    assert tp.compute_error_map("dissimilarity")
+    w.engine.wait(tp.error_job)
+    mc = ws.runs[corrected].metrics
+    print(f"error map of the corrected run: mean {mc['error_map_mean_mm']:.2f} mm, p95 {mc['error_map_p95_mm']:.2f} mm")
+    w.select_run(0)
+    sbs.set_run_b(corrected)
+    st.set_overlay(grid=False, error_map=True)
+    grab_side_by_side("trust_error_map_before_after.png", 1.0)
     w.close()
     return 0
 

@@ -312,3 +312,29 @@ def test_guides_survive_a_session_and_are_autosaved(win, tmp_path):
     np.testing.assert_allclose(w.workspace.guides.fixed_landmarks().points, [[1.0, 2.0, 3.0]])
     assert len(w.workspace.landmarks) == 0
     assert w.guide_panel.autosave_path == tmp_path / "s.guides.json" and (tmp_path / "s.guides.json").exists()
+
+
+def test_side_by_side_runs_show_both_error_maps_on_one_scale(win, qtbot):
+    w = win
+    tp, ws = w.trust_panel, w.workspace
+    for dx in (0.5, 2.5):
+        _run(w, dx=dx)
+        tp.compute_error_map()
+        _wait(w, tp.error_job)
+    ws.guides.add_point("fixed", w.state.centre_voxel())
+    w.set_view_layout("runs")
+    sbs = w.side_by_side
+    sbs.set_run_b(0)
+    left, right = sbs.left_state, sbs.right_state
+    assert left.error_map is ws.runs[1].result.error_map and right.error_map is ws.runs[0].result.error_map
+    tops = [s.error_map.array for s in (left, right)]
+    top = left.error_scale_mm()
+    assert top == right.error_scale_mm() and top >= max(np.percentile(a, 99) for a in tops) - 1e-6
+    sbs.flush()
+    for v in sbs.views():
+        assert v.error_bar.GetVisibility() and v.error_lut.GetRange() == pytest.approx((0.0, top))
+        assert v._guide_fixed[1].GetVisibility()
+    # a new map for A redraws the mirrors
+    w.select_run(1)
+    ws.set_error_map(1, ws.runs[1].result.error_map.with_array(np.zeros(w.state.fixed.shape, np.float32)), {})
+    assert not left.error_map.array.any()

@@ -99,7 +99,7 @@ def correct_run(fixed: Volume, moving: Volume, result: RegistrationResult, guide
     -------
     (RegistrationResult with the corrected transform, its dense field, the moving image resampled
     once through it; metrics dict as :func:`app.engine.evaluation.register_and_measure`'s plus
-    ``guidance`` (guides, guide TRE before/after, sigma, folding), ``guide_tre_mm`` (after) and
+    ``guidance`` (guides, guide TRE before/after, widths, folding), ``guide_tre_mm`` (after) and
     ``guide_tre_uncorrected_mm``, ``corrected_from``)
     """
     from app.engine.evaluation import _on_fixed_grid, transform_metrics

@@ -163,8 +163,11 @@ class SideBySideView(QWidget):
         self.sync()
 
     # ------------------------------------------------------------------ mirroring
-    def _on_main_change(self, *_) -> None:
+    def _on_main_change(self, *args) -> None:
         self.sync()
+        if args and args[0] == "error_map":          # a run's error map was computed or dropped
+            for dst in (self.left_state, self.right_state):
+                dst.error_map_changed()
 
     def sync(self) -> None:
         """Bring both mirrors in step with the workspace."""
@@ -198,9 +201,15 @@ class SideBySideView(QWidget):
                 dst.set_label_table(m.label_table)
             dst.set_result(result)
             dst.set_landmarks(m.fixed_points, m.moving_points, m.selected_point)
+            dst.set_guides(m.guide_fixed_points, m.guide_moving_points)
             dst.set_flicker_phase(m.flicker_phase)
             dst.set_interaction(m.interaction if m.interaction != "pick" else "cursor")
             dst.set_cursor(m.cursor)
+        if m.overlay.error_map and m.overlay.error_max_mm == 0:
+            # A and B's error maps on one colour scale (each map's own would mislead the comparison)
+            tops = [dst.error_scale_mm() for dst in (self.left_state, self.right_state) if dst.error_map is not None]
+            for dst in (self.left_state, self.right_state):
+                dst.set_overlay(error_max_mm=max(tops) if len(tops) == 2 else 0.0)
         a = runs.current_run
         b_run = runs[self.run_b] if self.run_b is not None and self.run_b < len(runs) else None
         self.left_head.setText(f"A: {a.name}" if a is not None else "A: no run (the moving image as it lies)")

@@ -133,8 +133,8 @@ class TrustPanel(QWidget):
         self.sigma_spin.setValue(20.0)
         self.sigma_spin.setSingleStep(5.0)
         self.sigma_spin.setSuffix(" mm")
-        self.sigma_spin.setToolTip("Reach of the correction (Gaussian RBF sigma); grown automatically when the "
-                                   "correction would fold the field")
+        self.sigma_spin.setToolTip("Reach of the correction (Gaussian RBF width); narrowed between close guides "
+                                   "and widened where a guide's residual would fold the field")
         self.correct_button = QPushButton("Correct")
         self.correct_button.setToolTip("A new run: the current run's transform refined to map every fixed guide "
                                        "onto its moving partner, the rest of the field kept")
@@ -405,6 +405,9 @@ def guidance_summary(m: dict) -> str:
     """One line on a corrected run: guides, guide TRE before -> after, reach."""
     g = m.get("guidance") or {}
     n = g.get("guides")
+    widths = [float(v) for v in (g.get("widths_mm") or ([g["sigma_mm"]] if g.get("sigma_mm") else []))]
+    reach = "" if not widths else (f"reach {min(widths):.0f} mm, " if max(widths) - min(widths) < 0.5
+                                   else f"reach {min(widths):.0f}-{max(widths):.0f} mm, ")
     return (f"Corrected from '{m.get('corrected_from') or '?'}' with {n} guide pair{'s' if n != 1 else ''}: "
             f"guide TRE {_f(g.get('guide_tre_before_mm'))} → {_f(g.get('guide_tre_after_mm'))} mm "
-            f"(reach {_f(g.get('sigma_mm'), '{:.0f}')} mm, folding {_f(100 * float(g.get('fold_fraction') or 0), '{:.3f}')} %).")
+            f"({reach}folding {_f(100 * float(g.get('fold_fraction') or 0), '{:.3f}')} %).")
