@@ -132,8 +132,14 @@ def test_layers_unload_from_the_menu(win, qtbot):
 
 
 # ----------------------------------------------------------------------------- layout and feedback
-def test_window_fits_a_1366x768_screen_whatever_the_paradigm(win, qtbot):
+def test_window_fits_a_1366x768_screen_whatever_the_paradigm(win, qtbot, monkeypatch):
     from PySide6.QtWidgets import QApplication
+
+    from app.widgets import registration_panel as rp
+    # the layout is under test, not the checkpoints: no torch import on the engine thread
+    monkeypatch.setattr(rp, "_probe_checkpoints", lambda key, chosen: {"paths": [], "chosen": None, "card": "",
+                                                                      "error": "no checkpoint (test)"})
+    monkeypatch.setattr(rp, "_probe_cuda", lambda: False)
     w = win
     w.fit_to_screen()
     avail = QApplication.primaryScreen().availableGeometry()
