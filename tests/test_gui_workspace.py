@@ -199,6 +199,10 @@ def test_sessions_keep_each_runs_recipe_and_stay_small(win, tmp_path, qtbot):
                                  params={"diffeomorphic": bool(i % 2), "steps": 7}, checkpoint_id=f"ck{i}.pt",
                                  device="cpu")
         w.registration_panel.run_finished.emit(res, {"dice_mean": 0.5 + i / 10})
+    table = tmp_path / "t.ctbl"
+    table.write_text("1 cube 255 0 0 255\n")
+    assert w.load_colour_table(table)
+    w.workspace.runs.rename(0, "first try")
     path = tmp_path / "s.json"
     w.save_session(path)
     run_files = sorted((tmp_path / "s_runs").iterdir())
@@ -212,6 +216,8 @@ def test_sessions_keep_each_runs_recipe_and_stay_small(win, tmp_path, qtbot):
     assert [r["result"].paradigm for r in w2.runs] == ["unsupervised"] * 3
     assert w2.runs[1]["result"].params == {"diffeomorphic": True, "steps": 7}
     assert w2.runs[2]["result"].checkpoint_id == "ck2.pt"
+    assert w2.runs[0].name == "first try" and w2.runs[1].name == w.runs[1].name
+    assert w2.state.label_table[1][0] == "cube" and w2.metrics_panel.label_names["1"] == "cube"
     pts = fixed.index_to_physical([[3, 4, 5], [10, 8, 2]])
     np.testing.assert_allclose(w2.runs[0]["result"].transform.transform_points(pts), t.transform_points(pts), atol=0.02)
     # saving again with fewer runs leaves no stale run files behind

@@ -762,6 +762,9 @@ class MainWindow(QMainWindow):
             self._landmark_dock.raise_()
         # picking on the moving image shows the moving image; the overlay comes back afterwards
         if mode == "pick" and target == "moving":
+            if self.view_layout == "four_up":
+                self.statusBar().showMessage("Placing moving points on the moving image; to see both images at "
+                                             "once use View > Layout > Fixed | moving (Ctrl+Shift+3)", 8000)
             if self._pick_restore is None:
                 o = self.state.overlay
                 self._pick_restore = {"mode": o.mode, "source": o.source, "opacity": o.opacity}
