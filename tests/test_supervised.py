@@ -256,3 +256,25 @@ def test_cli_train_then_register(tmp_path):
     r = run("register", fixed, moving, "--paradigm", "unsupervised", "--checkpoint", ck, "--out", tmp_path / "reg3",
             "--no-progress", "--device", "cpu")
     assert r.returncode == 1 and "supervised" in r.stderr
+
+
+@pytest.mark.skipif(not BUNDLED.exists() or not HAVE_IXI, reason="no bundled supervised checkpoint / IXI data")
+def test_initial_transform_is_the_start_and_the_result_is_the_whole_chain():
+    from app.engine.datasets import load_split
+    from app.engine.paradigms.supervised import SupervisedParams, SupervisedRegistrar
+    case = S.make_cases([load_split()["test"][2]], per_band=1, seed=9)[2]           # 20-30 degrees
+    pair = S.case_pair(case)
+    truth = case.matrix(pair.centre)
+    pts = S.brain_points(pair.fixed_labels, 1000)
+    # a start 1 degree / 1 mm off the truth: the result (the whole chain) stays close to the truth
+    near = truth @ S.about_centre(S.axis_angle_matrix([1, 0, 0], 1.0), pair.centre, [1.0, 0, 0])
+    reg = SupervisedRegistrar()
+    for it in (1, 2):
+        res = reg.register(pair.fixed, pair.moving, SupervisedParams(stages="affine", iterations=it), device="cpu",
+                           initial=S.matrix_to_transform(near))
+        assert res.transform.is_linear
+        err = S.mean_point_error(res.transform, truth, pts)
+        if res.warnings:          # the prediction made the images less similar: the start is kept
+            assert "kept the initial" in res.warnings[0] and err == pytest.approx(S.mean_point_error(near, truth, pts))
+        else:
+            assert err < 3.0

@@ -250,8 +250,17 @@ def register_supervised(fixed: Volume, moving: Volume, params: SupervisedParams,
     mask = fixed_w.array > 0.05
     ncc_start, ncc_end = _ncc(fixed_w.array, m_start, mask), _ncc(fixed_w.array, m_end, mask)
     if ncc_end < ncc_start - 0.01:
-        warnings.append(f"similarity check failed: the predicted {params.stages.split('+')[0]} makes the images less "
-                        f"similar than the start (NCC {ncc_start:.3f} -> {ncc_end:.3f}); the result is probably wrong")
+        if initial is not None:
+            # a previous stage's result is the start: never hand back something worse than it
+            warnings.append(f"similarity check: the predicted {params.stages.split('+')[0]} made the images less similar "
+                            f"than the given initial transform (NCC {ncc_start:.3f} -> {ncc_end:.3f}); kept the initial "
+                            f"transform")
+            affine = start
+            if disp_mm is not None:
+                disp_mm = disp_mm * 0
+        else:
+            warnings.append(f"similarity check failed: the predicted {params.stages.split('+')[0]} makes the images less "
+                            f"similar than the start (NCC {ncc_start:.3f} -> {ncc_end:.3f}); the result is probably wrong")
     for w in warnings:
         log.warning("supervised: %s", w)
     check_cancel(cancel)
