@@ -17,7 +17,7 @@ import typing
 from dataclasses import field
 from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
 
-from ..types import Landmarks, LabelMap, ProgressFn, RegistrationResult, Volume
+from ..types import Landmarks, LabelMap, ProgressFn, RegistrationResult, Transform, Volume
 
 
 def param(default, help: str = "", range: tuple | None = None, choices: tuple | None = None):
@@ -32,6 +32,16 @@ def param(default, help: str = "", range: tuple | None = None, choices: tuple | 
 
 @runtime_checkable
 class Registrar(Protocol):
+    """One paradigm. ``register`` maps fixed physical points to moving physical points (LPS mm):
+    ``warped(x) = moving(T(x))``; with ``initial`` (a Transform, e.g. a pipeline's previous stage) it
+    starts from it and returns the whole chain ``initial.then(own)``.
+
+    A learned paradigm also declares (class attributes, no torch import at module level):
+    ``TrainConfig`` (a subclass of :class:`app.engine.training.config.LoopConfig`), ``trainer``
+    (``"module:Class"`` of a :class:`app.engine.training.loop.Trainer`) and ``network_kinds`` (the
+    :mod:`app.engine.nn.registry` kinds its checkpoints may hold; others are refused).
+    """
+
     key: ClassVar[str]
     Params: ClassVar[type]
     description: ClassVar[str]
@@ -40,7 +50,7 @@ class Registrar(Protocol):
     def register(self, fixed: Volume, moving: Volume, params, *,
                  fixed_labels: Optional[LabelMap] = None, moving_labels: Optional[LabelMap] = None,
                  fixed_points: Optional[Landmarks] = None, moving_points: Optional[Landmarks] = None,
-                 checkpoint=None, progress: Optional[ProgressFn] = None,
+                 checkpoint=None, initial: Optional[Transform] = None, progress: Optional[ProgressFn] = None,
                  cancel: Optional[threading.Event] = None, device: str = "auto") -> RegistrationResult: ...
 
 
