@@ -154,12 +154,14 @@ def main(argv=None) -> int:
     settle()
 
     def grab_side_by_side(name: str, zoom: float) -> None:
+        settle()
         sbs.flush()
         for v in sbs.views():
             v.fit()
             if zoom != 1.0:
                 v.zoom(zoom, about_display=v.lps_to_display(first))
-        settle()
+            v.render()
+        settle()                        # let the X screen catch up with the renders before grabbing
         top_left = sbs.mapToGlobal(sbs.rect().topLeft())
         pix = app.primaryScreen().grabWindow(0, top_left.x(), top_left.y(), sbs.width(), sbs.height())
         pix.save(str(out / name))
