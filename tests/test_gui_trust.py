@@ -338,3 +338,26 @@ def test_side_by_side_runs_show_both_error_maps_on_one_scale(win, qtbot):
     w.select_run(1)
     ws.set_error_map(1, ws.runs[1].result.error_map.with_array(np.zeros(w.state.fixed.shape, np.float32)), {})
     assert not left.error_map.array.any()
+
+
+def test_the_fixed_moving_layout_places_guides_while_guides_are_picked(win, qtbot):
+    w = win
+    gp, ws = w.guide_panel, w.workspace
+    w.set_view_layout("landmarks")
+    sbs = w.side_by_side
+    left, right = sbs.views()
+    qtbot.mouseClick(gp.pick_fixed_button, qtbot_button())
+    assert sbs.pick_guides
+    p = w.state.centre_voxel()
+    left.clicked.emit(p)
+    right.clicked.emit(p + [1.0, 0, 0])
+    assert ws.guides.pair_count(complete_only=True) == 1 and len(ws.landmarks) == 0
+    assert "1 guide point" in sbs.left_head.text()
+    np.testing.assert_allclose(sbs.left_state.fixed_points, [p])
+    qtbot.mouseClick(gp.pick_off_button, qtbot_button())
+    assert not sbs.pick_guides
+    left.clicked.emit(p)
+    assert len(ws.landmarks) == 1 and ws.guides.point_count("fixed") == 1
+    qtbot.mouseClick(gp.pick_moving_button, qtbot_button())
+    w.set_interaction("cursor")                 # the toolbar ends guide picking too
+    assert gp.pick_target is None and not sbs.pick_guides

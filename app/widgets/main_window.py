@@ -707,7 +707,11 @@ class MainWindow(QMainWindow):
             first[0].raise_()           # the registration panel stays in front
 
     def _on_guide_pick_change(self, which) -> None:
-        """The guide panel's pick buttons: picking guides stops picking landmarks and back."""
+        """The guide panel's pick buttons: picking guides stops picking landmarks and back (the
+        fixed | moving layout then places guide pairs too)."""
+        sbs = getattr(self, "side_by_side", None)
+        if sbs is not None:
+            sbs.set_pick_guides(which in ("fixed", "moving"))
         if which in ("fixed", "moving"):
             lp = self.landmark_panel
             if lp is not None:
@@ -758,6 +762,8 @@ class MainWindow(QMainWindow):
             was = gp.blockSignals(True)
             gp.pick_target = None
             gp.blockSignals(was)
+            if getattr(self, "side_by_side", None) is not None:
+                self.side_by_side.set_pick_guides(False)
         if mode == "pick" and self._landmark_dock is not None and (gp is None or gp.pick_target is None):
             self._landmark_dock.raise_()
         # picking on the moving image shows the moving image; the overlay comes back afterwards

@@ -44,6 +44,7 @@ class SideBySideView(QWidget):
         self.left_state, self.right_state = ViewerState(), ViewerState()
         self.mode = "runs"
         self.run_b: Optional[int] = None
+        self.pick_guides = False        # 'landmarks' mode places guide pairs (guided correction) instead
         self._syncing = False
 
         self.orientation_combo = QComboBox()
@@ -218,7 +219,7 @@ class SideBySideView(QWidget):
 
     def _sync_landmarks(self) -> None:
         m = self.main
-        lm = self.ws.landmarks
+        lm = self._pairs()
         plain = {"mode": "none", "grid": False, "jacobian": False}
         self._copy_layers(self.left_state, {"fixed": m.fixed, "fixed_labels": m.fixed_labels})
         self._copy_layers(self.right_state, {"fixed": m.moving, "fixed_labels": m.moving_labels})
@@ -237,8 +238,9 @@ class SideBySideView(QWidget):
         self.right_state.set_landmarks(np.zeros((0, 3)), lm.all_points("moving"), None)
         self.left_state.set_cursor(m.cursor)
         nf, nm = lm.point_count("fixed"), lm.point_count("moving")
-        self.left_head.setText(f"Fixed image · {nf} point{'s' if nf != 1 else ''}")
-        self.right_head.setText(f"Moving image · {nm} point{'s' if nm != 1 else ''}")
+        kind = "guide point" if self.pick_guides else "point"
+        self.left_head.setText(f"Fixed image · {nf} {kind}{'s' if nf != 1 else ''}")
+        self.right_head.setText(f"Moving image · {nm} {kind}{'s' if nm != 1 else ''}")
         nxt = "fixed (left)" if nf <= nm else "moving (right)"
         self.hint.setText(f"click to place points; next: {nxt} · wheel = slice · Ctrl+Z undoes")
 
@@ -258,11 +260,21 @@ class SideBySideView(QWidget):
             self.main.set_cursor(xyz)
 
     # ------------------------------------------------------------------ picking
+    def _pairs(self):
+        """The pair list clicks add to: the guide pairs while guides are picked, else the landmarks."""
+        return self.ws.guides if self.pick_guides else self.ws.landmarks
+
+    def set_pick_guides(self, on: bool) -> None:
+        """Clicks in 'landmarks' mode place guide pairs (True) or evaluation landmarks (False)."""
+        if bool(on) != self.pick_guides:
+            self.pick_guides = bool(on)
+            self.sync()
+
     def _on_click(self, which: str, xyz) -> None:
         if self.mode != "landmarks":
             return
         p = np.asarray(xyz, float).reshape(3)
-        self.ws.landmarks.add_point(which, p)
+        self._pairs().add_point(which, p)
         (self.left_state if which == "fixed" else self.right_state).set_cursor(p)
 
     def views(self) -> tuple[SliceView, SliceView]:
