@@ -178,3 +178,13 @@ def test_cli_evaluate_reports_the_error_map_per_pair(tmp_path):
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert float(rows[0]["error_map_p95_mm"]) >= float(rows[0]["error_map_mean_mm"]) >= 0
     assert len(list(out.rglob("error_map.nii.gz"))) == 1
+
+
+def test_the_worst_region_is_the_largest_piece_not_the_centroid_of_scattered_voxels():
+    mask = np.zeros((10, 10, 30), bool)
+    mask[4:6, 4:6, 1:3] = True            # two small pieces at either end
+    mask[4:6, 4:6, 27:29] = True
+    mask[1:4, 1:4, 10:13] = True          # the largest piece
+    pts = E._largest_piece(mask)
+    assert len(pts) == 27 and np.allclose(pts.mean(0), (2, 2, 11))
+    assert len(E._largest_piece(np.zeros((3, 3, 3), bool))) == 0
