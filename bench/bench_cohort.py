@@ -65,16 +65,20 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--paradigm", default="iterative")
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the worker counts R times, in ABBA order (1 2 2 1 ...) so that a load that drifts "
+                         "during the run weighs on every configuration alike")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cohort_speedup.json"))
     a = ap.parse_args()
     params = parse_param_args(a.param) or None
     tmp = Path(tempfile.mkdtemp(prefix="bench_cohort_"))
     pairs = read_pairs_csv(write_pairs_csv(tmp / "pairs.csv", a.pairs))
     runs = []
-    for n in a.workers:
+    order = [w for r in range(a.repeat) for w in (a.workers if r % 2 == 0 else a.workers[::-1])]
+    for rep, n in enumerate(order):
         load0, busy0, own0 = os.getloadavg(), cpu_busy_s(), own_cpu_s()
         t0 = time.perf_counter()
-        rows, summary = run_batch(pairs, a.paradigm, params, workers=n, out_dir=tmp / f"w{n}", device="cpu")
+        rows, summary = run_batch(pairs, a.paradigm, params, workers=n, out_dir=tmp / f"run{rep}_w{n}", device="cpu")
         wall = time.perf_counter() - t0
         busy, own = cpu_busy_s() - busy0, own_cpu_s() - own0
         run = {"workers": n, "threads_per_worker": available_cores() // n if n > 1 else available_cores(),
@@ -84,19 +88,35 @@ def main() -> int:
                "loadavg_before": [round(x, 2) for x in load0],
                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                "cpu_s_this_benchmark": round(own, 1), "cpu_s_other_processes": round(max(0.0, busy - own), 1),
-               "cpu_s_available": round(wall * available_cores(), 1)}
+               "cpu_s_available": round(wall * available_cores(), 1),
+               "share_of_machine": round(own / (wall * available_cores()), 3)}
         runs.append(run)
         print(json.dumps(run), flush=True)
-    base = runs[0]["pairs_per_hour"]
+    # throughput of a configuration = its pairs over its summed wall time (over the repeats)
+    per = {}
     for r in runs:
-        r["speedup"] = round(r["pairs_per_hour"] / base, 3)
+        d = per.setdefault(r["workers"], {"pairs": 0, "wall_s": 0.0, "cpu_s_this_benchmark": 0.0,
+                                          "cpu_s_other_processes": 0.0})
+        for k in d:
+            d[k] += r[k]
+    for d in per.values():
+        d["pairs_per_hour"] = round(3600.0 * d["pairs"] / d["wall_s"], 1)
+        d["cpu_s_per_pair"] = round(d["cpu_s_this_benchmark"] / d["pairs"], 1)
+        d["other_processes_cpu_fraction"] = round(d["cpu_s_other_processes"] / (d["wall_s"] * available_cores()), 3)
+    base = per[a.workers[0]]["pairs_per_hour"]
+    quiet = all(r["loadavg_before"][0] < available_cores() + 0.5 and
+                r["cpu_s_other_processes"] < 0.1 * r["cpu_s_available"] for r in runs)
     result = {"what": f"{a.paradigm} ({'default parameters' if not params else params}) on the first "
                       f"{a.pairs} IXI test pairs, evaluate mode (Dice + HD95 per pair), "
                       f"run_batch with each worker count in turn, one run",
               "command": ".venv/bin/python bench/bench_cohort.py " + " ".join(sys.argv[1:]),
               "cores": available_cores(), "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "runs": runs,
-              "speedup": {f"{r['workers']} vs {runs[0]['workers']}": r["speedup"] for r in runs[1:]}}
+              "runs": runs, "per_workers": per,
+              "speedup": {f"{n} vs {a.workers[0]}": round(per[n]["pairs_per_hour"] / base, 3) for n in a.workers[1:]},
+              "machine_quiet": quiet,
+              "note": ("load average below the core count and other processes under 10 % of the CPU in every run"
+                       if quiet else "the machine was shared: other processes took CPU during the runs "
+                       "(cpu_s_other_processes); the speedup is only as good as the load was even")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["speedup"]), "->", a.out)
