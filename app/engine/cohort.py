@@ -1,8 +1,8 @@
 """Cohorts: register and measure many pairs, in parallel, where one bad pair never stops the batch.
 
 One per-pair function, :func:`run_pair`, is run by three executors that give the same table
-(given the same ``threads``: SimpleITK's optimisers sum in a thread-dependent order, so a pair run
-with 2 threads and with 1 differs in the 4th-5th decimal of Dice):
+with one thread per pair (with more, SimpleITK's multithreaded sums make ``iterative`` vary in the
+4th-5th decimal of Dice from run to run, whatever the executor):
 
 * in this process, one pair after another (``workers=1``; progress callbacks and cancel work);
 * a pool of ``workers`` local processes (``concurrent.futures.ProcessPoolExecutor``, "spawn"
