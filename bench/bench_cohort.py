@@ -169,7 +169,7 @@ def main() -> int:
                 r["cpu_s_other_processes"] < 0.1 * r["cpu_s_available"] for r in runs)
     result = {"what": f"{a.paradigm} ({'default parameters' if not params else params}) on the first "
                       f"{a.pairs} IXI test pairs, evaluate mode (Dice + HD95 per pair), "
-                      f"run_batch with each worker count in turn, one run",
+                      f"run_batch with each worker count in turn, {a.repeat} round(s) in ABBA order, one invocation",
               "command": ".venv/bin/python bench/bench_cohort.py " + " ".join(sys.argv[1:]),
               "cores": available_cores(), "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "runs": runs, "per_workers": per,
