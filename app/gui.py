@@ -91,4 +91,8 @@ def run(argv: list[str]) -> int:
             window.load_pair(demo["fixed"], demo["moving"], demo.get("fixed_labels"), demo.get("moving_labels"))
         else:
             window.show_error("Demo data missing", f"No demo pair found in {DEMO_DIR}. Open files with File > Open.")
+    if not window.isVisible():
+        # closed while the first files were being read (the event loop ran meanwhile): a quit
+        # requested before exec() would be lost and leave an invisible process behind
+        return 0
     return app.exec()

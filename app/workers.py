@@ -244,6 +244,11 @@ class Engine(QObject):
         return list(self._jobs.values())
 
     @property
+    def alive(self) -> bool:
+        """False once :meth:`shutdown` was called (the owner is closing)."""
+        return self._alive
+
+    @property
     def busy(self) -> bool:
         return bool(self._jobs)
 
@@ -279,6 +284,8 @@ class Engine(QObject):
     def call(self, fn: Callable, *args, name: str = "", **kwargs):
         """Run ``fn(*args, **kwargs)`` on the engine thread and return its value, keeping the
         GUI's event loop running meanwhile; a failure is raised here as ``ValueError(message)``."""
+        if not self._alive:
+            raise ValueError("the window is closing; the engine takes no more work")
         out: dict = {}
         job = self.submit(fn, *args, name=name, on_done=lambda v: out.setdefault("value", v),
                           on_error=lambda m: out.setdefault("error", m),

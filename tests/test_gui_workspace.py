@@ -352,3 +352,12 @@ def test_landmarks_are_placed_side_by_side_in_fixed_and_moving(win, qtbot):
     assert "1 point" in sbs.right_head.text()
     w.landmark_panel.undo()
     assert w.workspace.landmarks.point_count("moving") == 0
+
+
+def test_a_closed_window_takes_no_more_engine_work(win, files):
+    w = win
+    w.close()
+    assert not w.engine.alive
+    assert w.load_layer("moving", files["other"]) is False          # no exception, nothing queued
+    with pytest.raises(ValueError, match="closing"):
+        w.save_session(files["fixed"].parent / "late.json")

@@ -403,6 +403,8 @@ class MainWindow(QMainWindow):
         return at once (True: the read was queued)."""
         if role not in ROLE_TITLES:
             raise ValueError(f"unknown layer '{role}'; use one of {', '.join(ROLE_TITLES)}")
+        if not self.engine.alive:       # the window closed while a multi-file load was waiting
+            return False
         ref = {"fixed_labels": self.state.fixed, "moving_labels": self.state.moving}.get(role)
         outcome: dict = {}
 
