@@ -247,6 +247,18 @@ def test_a_dying_worker_becomes_one_error_row(cohort6):
     assert s["pairs"] == 4 and s["failed"] == 1
 
 
+@pytest.mark.slow
+def test_a_dying_dask_worker_becomes_one_error_row(cohort6):
+    pytest.importorskip("distributed", reason="dask.distributed is not installed (pip install '.[cluster]')")
+    pairs = read_pairs_csv(cohort6)[:4]
+    rows, s = cohort.run_batch(pairs, "iterative", FAST_PARAMS, dask_scheduler="local:2", threads=1,
+                               pair_fn=dies_on_subject02)
+    errors = [r["error"] for r in rows]
+    assert [e is not None for e in errors] == [False, False, True, False]
+    assert "Dask worker failed or died" in errors[2]
+    assert s["pairs"] == 3 and s["failed"] == 1
+
+
 def test_the_atlas_is_read_once_per_worker(cohort6):
     pairs = read_pairs_csv(cohort6)
     recs = []

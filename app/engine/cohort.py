@@ -448,8 +448,9 @@ def _dask_client(address: str):
         if n < 1:
             raise ValueError(f"--dask-scheduler local:N needs a number of workers N >= 1, got {address!r}")
         import logging
+        # the scheduler's own complaints (a worker died, keys lost) reach the caller as error rows
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR)
+                               silence_logs=logging.CRITICAL)
         return Client(cluster), cluster
     try:
         return Client(address, timeout="30s"), None
