@@ -607,3 +607,38 @@ def test_then_chain_builds_a_pipeline_with_a_form_per_stage(qtbot, fake_paradigm
     with pytest.raises(ValueError, match="not in the list"):
         panel.set_paradigm("fake+nope")
     _wait_idle(qtbot)
+
+
+def test_landmarks_undo_delete_all_asks_and_both_sides_export(qtbot, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+
+    from app.engine import io
+    from app.widgets.landmark_panel import LandmarkPanel
+    lp = LandmarkPanel()
+    qtbot.addWidget(lp)
+    pts = [((1.0, 2.0, 3.0), (1.5, 2.5, 3.5)), ((-4.0, 0.0, 9.0), (-3.0, 1.0, 8.0))]
+    for f, m in pts:
+        lp.add_point("fixed", f)
+        lp.add_point("moving", m)
+    lp.add_point("fixed", (7, 7, 7))                      # incomplete: not exported
+    # both sides in one file: CSV row per pair, or markups with F-/M- labels
+    assert lp.export_file(tmp_path / "pairs.csv", "both") == 2
+    rows = (tmp_path / "pairs.csv").read_text().splitlines()
+    assert rows[0] == "name,fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z"
+    assert [float(v) for v in rows[2].split(",")[1:]] == [-4.0, 0.0, 9.0, -3.0, 1.0, 8.0]
+    assert lp.export_file(tmp_path / "pairs.mrk.json", "both") == 2
+    back = io.read_landmarks(tmp_path / "pairs.mrk.json")
+    assert back.names == ["F-1", "F-2", "M-1", "M-2"]
+    np.testing.assert_allclose(back.points[2], pts[0][1], atol=1e-9)
+    # delete all asks first; No keeps everything, Yes deletes, Undo (Ctrl+Z too) brings them back
+    answers = [QMessageBox.Cancel, QMessageBox.Yes]
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: answers.pop(0))
+    assert not lp.ask_delete_all() and lp.pair_count() == 3
+    assert lp.ask_delete_all() and lp.pair_count() == 0 and lp.undo_button.isEnabled()
+    lp.undo_button.click()
+    assert lp.pair_count() == 3 and lp.table.rowCount() == 3
+    lp.delete_rows([0])
+    from PySide6.QtGui import QKeySequence, QShortcut
+    undo, = [sc for sc in lp.findChildren(QShortcut) if sc.key() == QKeySequence(QKeySequence.Undo)]
+    undo.activated.emit()                                  # Ctrl+Z (QTest key clicks bypass shortcuts here)
+    assert lp.pair_count() == 3

@@ -165,7 +165,7 @@ class LandmarkPanel(QWidget):
         self.delete_all_button.clicked.connect(self.ask_delete_all)
         self.undo_button.clicked.connect(self.undo)
         undo = QShortcut(QKeySequence.Undo, self)
-        undo.setContext(Qt.WidgetWithChildrenShortcut)
+        undo.setContext(Qt.WindowShortcut)      # the only undo in the window: Ctrl+Z anywhere
         undo.activated.connect(self.undo)
         sc = QShortcut(QKeySequence.Delete, self.table)
         sc.setContext(Qt.WidgetShortcut)
