@@ -179,8 +179,9 @@ class AgentTrainer(Trainer):
         vs = self._val_states
         val_loss = float(((model(vs["state"], vs["step"]).float() - vs["target"]) ** 2).mean())
         errors, starts, n_actions, converged = [], [], [], []
+        case_rng = np.random.default_rng(54321)     # the same cases at every validation
         for sd in self.val_data:
-            truth, pts = val_case(sd, rng, cfg.val_rot_deg, cfg.val_trans_mm)
+            truth, pts = val_case(sd, case_rng, cfg.val_rot_deg, cfg.val_trans_mm)
             with torch.no_grad():
                 fixed = warp_through_poses(sd.image, sd.grid, sd.grid, truth[None], sd.shape)
             # the centre-of-mass start, as inference does (both images are on the same grid here)
