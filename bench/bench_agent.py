@@ -43,6 +43,7 @@ METHODS = {
     "agent": ("agent", {}),
     "agent+instance": ("agent+instance", {}),
     "agent+unsupervised": ("agent+unsupervised", {}),
+    "agent+iterative_rigid": ("agent+iterative", {"2.stages": "rigid"}),
     "iterative_rigid+instance": ("iterative+instance", {"1.stages": "rigid"}),
 }
 
