@@ -7,6 +7,7 @@ misalignment, every method from the same starts, scored by the same code in one 
         [--checkpoint FILE] [--out bench/results/supervised_known.json]
     ... bench/bench_supervised.py --real 10 --methods iterative_affine,unsupervised_affine,unsupervised,supervised_affine,supervised
         --out bench/results/supervised_real.json      (inter-subject test pairs: Dice)
+    ... bench/bench_supervised.py --timing             (CPU / wall seconds per pair on the demo pair)
 
 Cases: real IXI subjects (full resolution, 2 mm, oblique) are the moving images; the fixed image is
 the moving one resampled through a known transform drawn about its centre of mass
@@ -162,6 +163,27 @@ def real_pairs(n: int, methods: list[str], checkpoint, out: Path, card: bool = F
     return 0
 
 
+def timing(repeats: int = 3) -> int:
+    """Seconds per registration on the demo pair (120 x 120 x 90): CPU time of this process (what one
+    free core would take; robust to a loaded machine) and wall time, after one warm-up call."""
+    import torch
+    from app.engine import io
+    torch.set_num_threads(1)
+    demo = ROOT / "resources" / "demo"
+    fixed = io.read_volume(demo / "fixed_IXI174_T1.nii.gz")
+    moving = io.read_volume(demo / "moving_IXI136_T1.nii.gz")
+    for key, stages in (("supervised", "affine"), ("unsupervised", "affine"), ("unsupervised", "affine+deformable")):
+        reg = paradigms.get(key)
+        p = paradigms.make_params(reg.Params, {"stages": stages})
+        reg.register(fixed, moving, p, device="cpu")
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(repeats):
+            res = reg.register(fixed, moving, p, device="cpu")
+        print(f"{key} {stages}: cpu {(time.process_time() - c0) / repeats:.3f} s, wall "
+              f"{(time.perf_counter() - w0) / repeats:.3f} s per pair; last timings {res.timings}", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", default="test", choices=("test", "val"))
@@ -176,7 +198,10 @@ def main() -> int:
                     "other methods, same scoring code)")
     ap.add_argument("--real", type=int, default=0, help="instead: this many real inter-subject test pairs (Dice), "
                     "methods from " + ", ".join(REAL_METHODS))
+    ap.add_argument("--timing", action="store_true", help="instead: CPU and wall seconds per pair on the demo pair")
     a = ap.parse_args()
+    if a.timing:
+        return timing()
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if a.real:
         for m in methods:
