@@ -208,6 +208,8 @@ def agent_ckpt(tmp_path):
     from app.engine import checkpoints
     torch.manual_seed(0)
     net = AgentNet(channels=(4, 8), hidden=16, pooled=(2, 2, 2))
+    with torch.no_grad():        # always +tx, always "helps": only the step cap stops it
+        net.head.bias[0] = 100.0
     prep = D.Preprocessing(grid_shape=(12, 14, 14), spacing_mm=4.0, direction=tuple(map(tuple, np.eye(3))))
     path = tmp_path / "agent.pt"
     checkpoints.save_checkpoint(path, paradigm="agent", model=net, preprocessing=prep.to_dict(), training={})
@@ -231,8 +233,9 @@ def test_register_reports_every_step_with_its_pose(agent_ckpt):
         assert h["action"] in RP.ACTIONS and len(h["values"]) == 12
     end = res.history[-1]
     assert end["stage"] == "agent_end" and agent_converged(res) == end["converged"]
-    if len(steps) == 6:      # an untrained net that used the whole cap did not converge
-        assert end["converged"] is False and "cap" in end["reason"]
+    assert len(steps) == 6 and [h["action"] for h in steps] == ["+tx"] * 6
+    assert end["converged"] is False and "cap" in end["reason"]
+    assert res.warnings and "did not converge" in res.warnings[0]
     assert res.transform.kind == "rigid" and res.warped.same_grid(fixed)
     centre = np.asarray(end["centre"])
     pts = np.array([[0.0, 0.0, 0.0], [10.0, -5.0, 3.0]])
@@ -280,3 +283,31 @@ def test_checkpoints_of_another_paradigm_or_kind_and_2d_images_are_refused(agent
     flat = Volume(np.zeros((1, 20, 20), np.float32), name="slice")
     with pytest.raises(ValueError, match="3D"):
         paradigms.get("agent").register(fixed, flat, checkpoint=str(agent_ckpt[0]), device="cpu")
+
+
+def test_a_pipeline_keeps_the_agents_warning(agent_ckpt):
+    from app.engine.pipeline import register_pipeline
+    path, _, _ = agent_ckpt
+    fixed = _blob_volume((24, 26, 28), (2.0, 2.1, 1.9), name="fixed")
+    res = register_pipeline("agent+agent", fixed, fixed, {"1.max_steps": 2, "2.max_steps": 1},
+                            checkpoint={"agent": str(path)}, device="cpu")
+    assert [w.split(":")[0] for w in res.warnings] == ["stage 1 (agent)", "stage 2 (agent)"]
+    ends = [h for h in res.history if h["stage"] == "agent_end"]
+    assert [e["pipeline_stage"] for e in ends] == [1, 2]
+
+
+HAVE_IXI = (D.DEFAULT_IXI_ROOT / "t1").exists()
+BUNDLED = D.REPO_ROOT / "resources" / "checkpoints" / "agent.pt"
+
+
+@pytest.mark.skipif(not BUNDLED.exists() or not HAVE_IXI, reason="no bundled agent checkpoint / IXI data")
+def test_the_bundled_agent_recovers_a_known_rigid_transform():
+    from app.engine import paradigms
+    from app.engine import synthetic as S
+    case = S.make_cases([D.load_split()["test"][3]], per_band=1, seed=5)[1]      # 10-20 degrees, 10-20 mm
+    pair = S.case_pair(case)
+    pts = S.brain_points(pair.fixed_labels, 2000)
+    truth = case.matrix(pair.centre)
+    res = paradigms.get("agent").register(pair.fixed, pair.moving, device="cpu")
+    assert S.mean_point_error(res.transform, truth, pts) < 2.0 < S.mean_point_error(np.eye(4), truth, pts)
+    assert not res.warnings and res.history[-1]["converged"]

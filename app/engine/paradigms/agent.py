@@ -19,7 +19,9 @@ replay, no target network.
 
 Every step goes through ``progress`` with the pose (``Progress.pose``), the action and its value in
 the message; the result's ``history`` holds every step (pose, action, step size, the 12 values) and
-a last record with ``converged`` and the reason.
+a last record with ``converged`` and the reason; a run that did not converge says so in
+``RegistrationResult.warnings``. Known limit: the agent can also settle in a wrong pose without
+hitting the cap (seen from 45 degree starts); the image similarity rule catches only part of that.
 """
 from __future__ import annotations
 
@@ -207,9 +209,11 @@ def register_agent(key: str, fixed: Volume, moving: Volume, params: AgentParams,
         progress(Progress("done", message=f"{verdict} after {len(ep.actions)} actions ({reason}); "
                                           f"{timings['total']:.2f} s on {dev.type}", fraction=1.0,
                           pose=tuple(float(v) for v in ep.pose)))
+    warnings = [] if converged else [f"the agent did not converge: {reason}"]
     return RegistrationResult(transform=transform, warped=warped, field=None, history=history, timings=timings,
                               device=str(dev), paradigm=key, params=params_to_dict(params),
-                              checkpoint_id=checkpoints.checkpoint_id(ckpt), warped_labels=warped_labels)
+                              checkpoint_id=checkpoints.checkpoint_id(ckpt), warped_labels=warped_labels,
+                              warnings=warnings)
 
 
 def _pose_text(pose) -> str:
