@@ -42,10 +42,7 @@ SUBJECTS = (("ms_cross_sectional_patient07", "T1", ("T2", "FLAIR", "T1POST")),
             ("brats_tcga_du_7294", "t1", ("t2", "flair", "t1c")))
 BANDS3 = ((10.0, 10.0), (20.0, 20.0), (30.0, 30.0))
 
-try:  # the shared known-transform generator (app/engine/synthetic.py) when it is on this branch
-    from app.engine.synthetic import brain_points, make_cases, make_pair, mean_point_error, success_table
-except ImportError:  # pragma: no cover - minimal local equivalents until it lands
-    from _synthetic_local import brain_points, make_cases, make_pair, mean_point_error, success_table  # noqa
+from app.engine.synthetic import brain_points, make_cases, make_pair, mean_point_error  # noqa: E402
 
 
 def load_resampled(path: Path, spacing_mm: float) -> Volume:
