@@ -16,7 +16,11 @@ Every method sees the same cases (``make_cases`` with a fixed seed) in one run::
 Methods (``--methods``): ``before`` = the ``iterative`` defaults of commit beb4f31 (histogram
 matching, Otsu fixed mask, diffeomorphic demons; reproduced with explicit parameters:
 ``modality=same``, ``linear_guard=false``, ``deformable=diffeomorphic_demons``), ``after`` = the
-current defaults (``modality=auto``).
+current defaults (``modality=auto``); ``iterative_rigid`` = the current defaults, rigid stage only;
+``dsm`` = the learned similarity (bundled checkpoint or ``--checkpoint``) maximised by the torch
+optimiser (Adam, rigid, levels 2,1 of a 2 mm grid); ``mi_adam`` = the same optimiser, grid and
+stages with mutual information instead (``dsm --param similarity=mi``). ``dsm`` was trained on
+patient07 and the glioma subject: compare it on ``--subjects patient19`` only.
 """
 from __future__ import annotations
 
@@ -81,17 +85,24 @@ def case_images(case, cache: dict, spacing_mm: float):
 
 
 METHODS = {
-    "before": {"modality": "same", "linear_guard": False, "deformable": "diffeomorphic_demons"},
-    "after": {},
+    "before": ("iterative", {"modality": "same", "linear_guard": False, "deformable": "diffeomorphic_demons"}),
+    "after": ("iterative", {}),
+    "iterative_rigid": ("iterative", {"stages": "rigid"}),
+    "dsm": ("dsm", {}),
+    "mi_adam": ("dsm", {"similarity": "mi"}),
 }
 
 
-def run_method(name: str, fixed: Volume, moving: Volume):
+def run_method(name: str, fixed: Volume, moving: Volume, checkpoint=None):
     from app.engine import paradigms
-    reg = paradigms.get("iterative")
-    p = paradigms.make_params(reg.Params, dict(METHODS[name]))
+    key, overrides = METHODS[name]
+    reg = paradigms.get(key)
+    p = paradigms.make_params(reg.Params, dict(overrides))
+    kw = {"checkpoint": checkpoint} if key == "dsm" and checkpoint else {}
+    if key == "dsm":
+        kw["device"] = "cpu"
     t0 = time.perf_counter()
-    res = reg.register(fixed, moving, p)
+    res = reg.register(fixed, moving, p, **kw)
     return res, time.perf_counter() - t0
 
 
@@ -102,8 +113,13 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="before,after")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--out", default="bench/results/multimodal.md")
+    ap.add_argument("--subjects", default="", help="keep only cases whose subject contains this text "
+                    "(e.g. patient19: the subject dsm never saw in training)")
+    ap.add_argument("--checkpoint", default="", help="dsm checkpoint (default: the bundled one)")
     args = ap.parse_args(argv)
     cases = make_cases(subject_list(), per_band=args.per_band, bands=BANDS3, seed=args.seed)
+    if args.subjects:
+        cases = [c for c in cases if args.subjects in c.subject]
     methods = args.methods.split(",")
     cache: dict = {}
     rows = []
@@ -115,7 +131,7 @@ def main(argv=None) -> int:
             from app.engine.types import Transform
             start = mean_point_error(Transform.identity(), truth, points)
             for m in methods:
-                res, secs = run_method(m, fixed, moving)
+                res, secs = run_method(m, fixed, moving, args.checkpoint or None)
                 err = mean_point_error(res.transform, truth, points)
                 chosen = res.params.get("chosen", {})
                 row = {"method": m, "subject": case.subject, "band": case.band, "band_label": case.label,
@@ -133,7 +149,8 @@ def main(argv=None) -> int:
 def write_report(rows, methods, args, out: Path) -> None:
     lines = ["# Multimodal pairs with exact answers: `iterative` defaults before vs after", "",
              f"Command: `OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 nice -n 10 .venv/bin/python "
-             f"bench/bench_multimodal.py --per-band {args.per_band} --spacing {args.spacing} --seed {args.seed}`",
+             f"bench/bench_multimodal.py --per-band {args.per_band} --spacing {args.spacing} --seed {args.seed}"
+             f"{' --subjects ' + args.subjects if args.subjects else ''} --methods {args.methods}`",
              "",
              f"{len(rows) // max(len(methods), 1)} cases ({args.per_band} per band), fixed = T1 through a known random "
              f"rigid transform, moving = T2 / FLAIR / T1POST (MS) or t2 / flair / t1c (glioma), images at "

@@ -19,6 +19,7 @@ NETWORKS: dict[str, str] = {
     "agent": "app.engine.nn.agent_net:AgentNet",
     "pose_regressor": "app.engine.nn.regression:PoseRegressor",
     "supervised": "app.engine.nn.regression:SupervisedNet",
+    "dsm": "app.engine.nn.dsm_net:DsmNet",
 }
 
 

@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {
     "instance": "app.engine.paradigms.instance:InstanceRegistrar",
     "agent": "app.engine.paradigms.agent:AgentRegistrar",
     "supervised": "app.engine.paradigms.supervised:SupervisedRegistrar",
+    "dsm": "app.engine.paradigms.dsm:DsmRegistrar",
 }
 
 def available() -> list[str]:

@@ -1,0 +1,187 @@
+"""Deep similarity metric (``dsm``): a learned patch similarity maximised by a conventional optimiser.
+
+The first generation of deep registration (Cheng et al. 2016, Simonovsky et al. 2016): a small 3D
+CNN (:class:`app.engine.nn.dsm_net.DsmNet`) scores whether a fixed patch and a moving patch show the
+same place, whatever their contrasts; :func:`app.engine.optimise.optimise` maximises the mean score
+of random patches (Adam, new patches every iteration) over a rigid, then optionally an affine model,
+coarse to fine. Direction, as everywhere::
+
+    warped(x) = moving(T(x)),   T = T0 . R [. A]      (fixed physical points -> moving points)
+
+``T0`` is the centre-of-mass translation (or a pipeline's ``initial``). The fixed image is resampled
+once onto an isotropic working grid of the checkpoint's finest spacing (same origin and direction),
+the moving image is sampled on its own grid through the model (one interpolation); the final warped
+image resamples the original moving image once.
+
+:func:`app.engine.nn.dsm_net.similarity_map` shows where the network thinks the images disagree.
+Training: :mod:`app.engine.training.dsm`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import numpy as np
+
+from ..training.config import LoopConfig
+from ..types import (LabelMap, Landmarks, Progress, ProgressFn, RegistrationResult, Transform, Volume,
+                     check_cancel, params_to_dict)
+from .base import param, parse_number_list, validate_params
+
+
+@dataclass
+class DsmParams:
+    """Parameters of :class:`DsmRegistrar`."""
+
+    stages: str = param("rigid", "models optimised in turn", choices=("rigid", "rigid+affine"))
+    similarity: str = param("dsm", "dsm: the learned similarity; mi: mutual information with the same optimiser, "
+                            "patches' grid and stages (the baseline it is measured against; no checkpoint)",
+                            choices=("dsm", "mi"))
+    levels: str = param("2,1", "pyramid shrink factors of the working grid, coarse to fine")
+    iterations: str = param("40,30", "Adam iterations per level (one number, or one per level)")
+    affine_iterations: int = param(30, "Adam iterations of the affine stage (finest level)", range=(1, 5000))
+    patches: int = param(96, "random patches scored per iteration", range=(8, 65536))
+    learning_rate: float = param(1.0, "Adam step (mm; rotations scaled to mm at the head's radius)",
+                                 range=(1e-3, 20.0))
+    prealign: str = param("center_of_mass", "start: centres of mass onto each other, or as the images lie",
+                          choices=("center_of_mass", "none"))
+    seed: int = param(0, "seed of the patch sampling", range=(0, 2**31 - 1))
+
+
+@dataclass
+class DsmTrainConfig(LoopConfig):
+    """Training options of ``dsm`` (``main.py train --paradigm dsm``); trainer
+    :class:`app.engine.training.dsm.DsmTrainer`."""
+
+    steps: int = param(3000, "total optimisation steps", range=(1, 10_000_000))
+    batch_size: int = param(48, "patch pairs per step", range=(1, 4096))
+    lr: float = param(1e-3, "Adam learning rate", range=(1e-7, 1.0))
+    val_every: int = param(250, "validate every N steps (0: only at the end)", range=(0, 10_000_000))
+    ckpt_every: int = param(250, "write the checkpoint every N steps (0: only at the end)", range=(0, 10_000_000))
+    patch: int = param(17, "patch size (voxels, odd)", range=(5, 65))
+    channels: str = param("8,16,32", "channels of the three conv blocks")
+    spacing_mm: str = param("2,4", "isotropic spacings the patches are cut at (mm), one per pyramid level")
+    max_offset: int = param(8, "largest displacement of a negative patch (voxels per axis)", range=(3, 32))
+    multimodal_root: str = param("/work/shared/data/multimodal", "folder of aligned multimodal subjects")
+    train_subjects: str = param("ms_cross_sectional_patient07,brats_tcga_du_7294",
+                                "aligned subjects trained on (comma separated folder names)")
+    val_subjects: str = param("ms_cross_sectional_patient19", "held-out aligned subjects for validation")
+    ixi_subjects: int = param(8, "IXI training T1 images given random intensity remappings as a second "
+                                 "modality (0: none)", range=(0, 10_000))
+    synthetic_fraction: float = param(0.3, "share of samples from the remapped IXI images", range=(0.0, 1.0))
+    aug_intensity: bool = param(True, "random gamma per patch")
+
+
+class DsmRegistrar:
+    """Rigid (and affine) registration maximising a learned multimodal patch similarity."""
+
+    key: ClassVar[str] = "dsm"
+    Params: ClassVar[type] = DsmParams
+    description: ClassVar[str] = ("Deep similarity metric (multimodal): a CNN scores whether patches correspond; "
+                                  "the torch optimiser maximises it over rigid -> affine")
+    learned: ClassVar[bool] = True
+    TrainConfig: ClassVar[type] = DsmTrainConfig
+    trainer: ClassVar[str] = "app.engine.training.dsm:DsmTrainer"
+    network_kinds: ClassVar[tuple[str, ...]] = ("dsm",)
+
+    def register(self, fixed: Volume, moving: Volume, params: Optional[DsmParams] = None, *,
+                 fixed_labels: Optional[LabelMap] = None, moving_labels: Optional[LabelMap] = None,
+                 fixed_points: Optional[Landmarks] = None, moving_points: Optional[Landmarks] = None,
+                 checkpoint=None, initial: Optional[Transform] = None, progress: Optional[ProgressFn] = None,
+                 cancel: Optional[threading.Event] = None, device: str = "auto") -> RegistrationResult:
+        """Register ``moving`` onto ``fixed`` (labels are only carried along).
+
+        ``checkpoint`` None: the bundled ``resources/checkpoints/dsm.pt``; one of another paradigm is
+        refused; a 2D image or a vector image is refused (ValueError). A pair that looks like one
+        modality gets a warning through ``progress`` (the network was trained on multimodal pairs).
+        """
+        import torch  # noqa: F401  (the optimiser needs it; keeps the module import cheap)
+        from .. import checkpoints, modality
+        from ..datasets import center_of_mass
+        from ..nn import dsm_net  # noqa: F401  (registers the "dsm" similarity)
+        from ..optimise import optimise
+        from ..spatial import resample
+        from ..training.dsm import to_isotropic
+        from ._learned import load_model
+
+        p = params if params is not None else DsmParams()
+        validate_params(p)
+        for v, name in ((fixed, "fixed"), (moving, "moving")):
+            if v.is_vector or min(v.shape) < 4:
+                raise ValueError(f"{name} image '{v.name}' has shape {v.array.shape}: dsm registers scalar 3D "
+                                 f"volumes (not 2D images, thin slabs or vector images)")
+        levels = list(parse_number_list(p.levels, int, "levels"))
+        iters = list(parse_number_list(p.iterations, int, "iterations"))
+        if min(levels) < 1 or max(levels) > 32 or min(iters) < 0:
+            raise ValueError(f"levels must be shrink factors 1..32 and iterations >= 0, got {p.levels!r} / "
+                             f"{p.iterations!r}")
+        if len(iters) == 1:
+            iters = iters * len(levels)
+        if len(iters) != len(levels):
+            raise ValueError(f"iterations gives {len(iters)} numbers for {len(levels)} levels")
+        t_start = time.perf_counter()
+        check_cancel(cancel)
+
+        def say(text: str, fraction: float) -> None:
+            if progress:
+                progress(Progress("setup", 0, 0, float("nan"), fraction, text))
+
+        if p.similarity == "dsm":
+            ckpt = load_model(self.key, checkpoint, kinds=self.network_kinds)
+            spacing = float(min(ckpt["preprocessing"].get("spacing_mm", [2.0])))
+            opts = {"net": ckpt["model"], "patches": p.patches, "seed": p.seed}
+        else:
+            ckpt, spacing, opts = None, 2.0, {}
+        decision = modality.detect(fixed, moving, "auto", initial)
+        warnings = []
+        if p.similarity == "dsm" and not decision.multimodal and decision.source in ("names", "intensity"):
+            warnings.append(f"this pair looks like one modality ({decision.reason}); the dsm checkpoint was "
+                            "trained on multimodal pairs: iterative or instance suit it better")
+        say("dsm: " + ("; ".join(warnings) if warnings else f"multimodal pair ({decision.reason})"), 0.0)
+        fixed_w = to_isotropic(fixed, spacing)
+        if initial is not None:
+            start = initial
+        elif p.prealign == "center_of_mass":
+            import SimpleITK as sitk
+            shift = np.asarray(center_of_mass(moving)) - np.asarray(center_of_mass(fixed))
+            start = Transform(sitk.TranslationTransform(3, tuple(float(s) for s in shift)), "rigid")
+        else:
+            start = Transform.identity()
+        timings = {"prepare": time.perf_counter() - t_start}
+        stages = p.stages.split("+")
+        n_aff = p.affine_iterations if "affine" in stages else 0
+        total = sum(iters) + n_aff
+        t0 = time.perf_counter()
+        r = optimise(fixed_w, moving, "rigid", initial=start, similarity=p.similarity, sim_options=opts,
+                     levels=levels, iterations=iters, optimizer="adam", lr=p.learning_rate, percentile=99.0,
+                     progress=progress, cancel=cancel, device=device, stage="rigid",
+                     fraction=(0.0, sum(iters) / total))
+        history = list(r.history)
+        timings["rigid"] = time.perf_counter() - t0
+        transform = r.transform
+        if n_aff:
+            t0 = time.perf_counter()
+            r = optimise(fixed_w, moving, "affine", initial=transform, similarity=p.similarity, sim_options=opts,
+                         levels=(1,), iterations=(n_aff,), optimizer="adam", lr=p.learning_rate * 0.5,
+                         percentile=99.0, progress=progress, cancel=cancel, device=device, stage="affine",
+                         fraction=(sum(iters) / total, 1.0))
+            history += r.history
+            transform = r.transform
+            timings["affine"] = time.perf_counter() - t0
+        check_cancel(cancel)
+        t0 = time.perf_counter()
+        warped = resample(moving, fixed, transform, "linear")
+        warped_labels = resample(moving_labels, fixed, transform, "nearest") if moving_labels is not None else None
+        timings["resample"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        if progress:
+            progress(Progress("done", total, total, history[-1]["loss"] if history else float("nan"), 1.0,
+                              "dsm registration finished"))
+        return RegistrationResult(transform=transform, warped=warped, field=None, history=history,
+                                  timings=timings, device=r.device, paradigm=self.key,
+                                  params={**params_to_dict(p), "modality": decision.to_dict(),
+                                          "warnings": warnings},
+                                  checkpoint_id=checkpoints.checkpoint_id(ckpt) if ckpt is not None else None,
+                                  warped_labels=warped_labels)

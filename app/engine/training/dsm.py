@@ -1,0 +1,255 @@
+"""Trainer of the ``dsm`` paradigm: a CNN learns whether two patches of different contrasts correspond.
+
+Data (``build``): *aligned sets* of images of one head in several contrasts on one isotropic grid
+per training scale (``spacing_mm``, e.g. 2 and 4 mm), intensities clipped to the 99th percentile and
+scaled to [0, 1] (what :func:`app.engine.optimise.optimise` feeds the similarity):
+
+* the aligned multimodal subjects of ``/work/shared/data/multimodal`` named in ``train_subjects``
+  (every image of a subject folder but the lesion / tumour masks; the modalities are co-registered
+  voxel for voxel by the dataset's authors);
+* ``ixi_subjects`` IXI training T1 images, whose second "modality" is made at every sample by a
+  random non-monotone intensity remapping (a smooth random look-up table).
+
+A sample (``sample``): a set, a scale, two different contrasts A and B, a centre ``c`` inside A's
+foreground, an integer voxel offset ``d`` (zero a third of the time, small ``|d_i| <= 2`` a third,
+large ``3 <= |d|_inf <= max_offset`` a third); the input is the pair of patches (A at ``c``, B at
+``c + d``) and the target is ``exp(-|d|^2 / (2 sigma^2))`` (``sigma = 1`` voxel): 1 when the
+patches correspond, falling off smoothly with the displacement, so the learned score peaks at
+alignment and has a slope around it. Loss: binary cross-entropy with logits on those soft targets.
+
+Validation (``validate``, held-out ``val_subjects``): the loss on a fixed set of samples; ``rank1``
+and ``rank3``: how often the aligned patch pair scores higher than the same centre displaced by 1 or
+3 voxels; ``auc``: aligned vs large offsets.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import io
+from ..datasets import load_split, normalize_intensity
+from ..nn.dsm_net import DsmNet
+from ..types import Progress, Volume
+from .loop import Trainer
+
+log = logging.getLogger(__name__)
+
+SIGMA_VOX = 1.0
+
+
+def _ints(text) -> list[int]:
+    return [int(c) for c in str(text).split(",") if c.strip()]
+
+
+def _floats(text) -> list[float]:
+    return [float(c) for c in str(text).split(",") if c.strip()]
+
+
+def to_isotropic(v: Volume, spacing_mm: float) -> Volume:
+    """``v`` smoothed and resampled onto an isotropic grid of ``spacing_mm`` (same origin, direction,
+    extent), linear interpolation."""
+    img = v.to_sitk(sitk.sitkFloat32)
+    size = [max(4, int(round(s * p / spacing_mm))) for s, p in zip(img.GetSize(), img.GetSpacing())]
+    sig = [max(0.5 * (spacing_mm - p), 0.1 * p) for p in img.GetSpacing()]
+    out = sitk.Resample(sitk.SmoothingRecursiveGaussian(img, sig), size, sitk.Transform(), sitk.sitkLinear,
+                        img.GetOrigin(), [spacing_mm] * 3, img.GetDirection(), 0.0, sitk.sitkFloat32)
+    return Volume.from_sitk(out, v.name)
+
+
+def modality_files(folder: Path) -> dict[str, Path]:
+    """``{modality: path}`` of an aligned subject folder (lesion / tumour / seg masks left out)."""
+    out = {}
+    for p in sorted(Path(folder).glob("*.nii.gz")):
+        name = p.name[:-7]
+        if any(k in name.lower() for k in ("lesion", "seg", "mask", "tumour", "tumor")):
+            continue
+        out[name] = p
+    if len(out) < 1:
+        raise ValueError(f"no images found in {folder}")
+    return out
+
+
+def random_lut(rng: np.random.Generator, knots: int = 6):
+    """A smooth random intensity remapping [0, 1] -> [0, 1] that is usually not monotone."""
+    xs = np.linspace(0, 1, knots)
+    ys = rng.uniform(0, 1, knots)
+    ys[0] = rng.uniform(0, 0.15)            # background stays dark-ish
+    return lambda a: np.interp(a, xs, ys).astype(np.float32)
+
+
+class DsmLoss(nn.Module):
+    """Binary cross-entropy of the correspondence logit against soft targets."""
+
+    def __init__(self, model: DsmNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pair: torch.Tensor, target: torch.Tensor) -> dict:
+        """``pair`` (B, 2, P, P, P), ``target`` (B,) in [0, 1] -> {"total": bce}."""
+        logit = self.model(pair)
+        return {"total": F.binary_cross_entropy_with_logits(logit.float(), target)}
+
+
+class DsmTrainer(Trainer):
+    """See the module docstring."""
+
+    def build(self, resume, progress):
+        cfg = self.cfg
+        self.scales = _floats(cfg.spacing_mm)
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"spacing_mm must list positive spacings like 2,4, got {cfg.spacing_mm!r}")
+        root = Path(cfg.multimodal_root)
+        self.train_sets = self._load_sets(root, cfg.train_subjects, progress)
+        self.val_sets = self._load_sets(root, cfg.val_subjects, progress) if cfg.val_subjects else []
+        split = load_split(cfg.split)
+        names = split["train"][:cfg.ixi_subjects]
+        self.ixi_sets = []
+        for i, name in enumerate(names):
+            path = Path(cfg.data_root) / "t1" / f"{name}_T1.nii.gz"
+            v = io.read_volume(path)
+            self.ixi_sets.append({"name": name, "scales": [{"T1": normalize_intensity(to_isotropic(v, s).array, 99.0)}
+                                                           for s in self.scales]})
+            if progress:
+                progress(Progress("load", i + 1, len(names), message=f"IXI {name}"))
+        if resume is not None:
+            return resume["model"]
+        model = DsmNet(cfg.patch, tuple(_ints(cfg.channels)))
+        if cfg.init:
+            from .. import checkpoints
+            ck = checkpoints.load_checkpoint(cfg.init, expected_paradigm="dsm", kinds=("dsm",))
+            model.load_state_dict(ck["model"].state_dict(), strict=True)
+        return model
+
+    def _load_sets(self, root: Path, names: str, progress) -> list[dict]:
+        sets = []
+        for name in [n.strip() for n in str(names).split(",") if n.strip()]:
+            files = modality_files(root / name)
+            if len(files) < 2:
+                raise ValueError(f"{root / name} holds fewer than two modalities")
+            vols = {m: io.read_volume(p) for m, p in files.items()}
+            sets.append({"name": name, "scales": [{m: normalize_intensity(to_isotropic(v, s).array, 99.0)
+                                                   for m, v in vols.items()} for s in self.scales]})
+            if progress:
+                progress(Progress("load", message=f"aligned set {name}: {', '.join(files)}"))
+        return sets
+
+    def objective(self):
+        return DsmLoss(self.model)
+
+    def preprocessing(self) -> dict:
+        p = int(self.cfg.patch)
+        return {"spacing_mm": self.scales, "percentile": 99.0, "patch": p, "grid_shape": [p, p, p],
+                "spatial_dims": 3,
+                "grid": "isotropic, fixed image's origin and direction",
+                "intensity": "clip to [min, p99] then scale to [0, 1]", "prealignment": "center_of_mass",
+                "modalities": "multimodal (trained on T1 / T1POST / T1c / T2 / FLAIR pairs and remapped IXI T1)"}
+
+    # ------------------------------------------------------------------ sampling
+    def _draw(self, rng: np.random.Generator, sets: list[dict], synthetic: bool, kind: str | None = None,
+              offset=None):
+        """One (pair (2, P, P, P) float32, target, offset (3,) voxels zyx) sample; ``offset`` forces d."""
+        cfg = self.cfg
+        p, r = cfg.patch, cfg.patch // 2
+        si = int(rng.integers(len(self.scales)))
+        s = sets[int(rng.integers(len(sets)))]["scales"][si]
+        if synthetic:
+            base = s["T1"]
+            a = random_lut(rng)(base) if rng.random() < 0.5 else base
+            b = random_lut(rng)(base)
+        else:
+            mods = list(s)
+            i, j = rng.choice(len(mods), 2, replace=False)
+            a, b = s[mods[i]], s[mods[j]]
+        kind = kind or ("zero", "small", "large")[int(rng.integers(3))]
+        big = int(cfg.max_offset)
+        if offset is not None:
+            d = np.asarray(offset, int)
+        elif kind == "zero":
+            d = np.zeros(3, int)
+        elif kind == "small":
+            d = rng.integers(-2, 3, 3)
+            while not d.any():
+                d = rng.integers(-2, 3, 3)
+        else:
+            d = rng.integers(-big, big + 1, 3)
+            while np.abs(d).max() < 3:
+                d = rng.integers(-big, big + 1, 3)
+        margin = r + big
+        shape = np.array(a.shape)
+        fg = a[margin:shape[0] - margin, margin:shape[1] - margin, margin:shape[2] - margin] > 0.1
+        idx = np.argwhere(fg)
+        if len(idx) == 0:
+            raise ValueError(f"an image of {sets[0]['name']} is too small for patches of {p} voxels")
+        c = idx[int(rng.integers(len(idx)))] + margin
+        cb = c + d
+        pa = a[c[0] - r:c[0] + r + 1, c[1] - r:c[1] + r + 1, c[2] - r:c[2] + r + 1]
+        pb = b[cb[0] - r:cb[0] + r + 1, cb[1] - r:cb[1] + r + 1, cb[2] - r:cb[2] + r + 1]
+        if cfg.aug_intensity:
+            pa = np.clip(pa, 0, 1) ** rng.uniform(0.7, 1.4)
+            pb = np.clip(pb, 0, 1) ** rng.uniform(0.7, 1.4)
+        target = float(np.exp(-float((d ** 2).sum()) / (2 * SIGMA_VOX ** 2)))
+        return np.stack([pa, pb]).astype(np.float32), target, d
+
+    def sample(self, step, rng, step_rng):
+        pairs, targets = [], []
+        for _ in range(self.cfg.batch_size):
+            synthetic = bool(self.ixi_sets) and rng.random() < self.cfg.synthetic_fraction
+            pair, t, _ = self._draw(rng, self.ixi_sets if synthetic else self.train_sets, synthetic)
+            pairs.append(pair)
+            targets.append(t)
+        return {"pair": torch.as_tensor(np.stack(pairs), device=self.device),
+                "target": torch.as_tensor(np.array(targets, np.float32), device=self.device)}
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict:
+        if not self.val_sets:
+            return {}
+        cfg = self.cfg
+        rng = np.random.default_rng(12345)
+        self.model.eval()
+        out = {}
+        with torch.no_grad():
+            pairs, targets = [], []
+            for _ in range(256):
+                pr, t, _ = self._draw(rng, self.val_sets, False)
+                pairs.append(pr)
+                targets.append(t)
+            logit = self.model(torch.as_tensor(np.stack(pairs), device=self.device)).float()
+            out["loss"] = float(F.binary_cross_entropy_with_logits(
+                logit, torch.as_tensor(np.array(targets, np.float32), device=self.device)))
+            # ranking: the aligned pair against the same centre displaced by 1 or 3 voxels
+            for name, step in (("rank1", 1), ("rank3", 3)):
+                wins = 0
+                n = 64
+                for k in range(n):
+                    e = np.zeros(3, int)
+                    e[k % 3] = step if k % 2 else -step
+                    pr0, _, _ = self._draw(np.random.default_rng(1000 + k), self.val_sets, False, offset=(0, 0, 0))
+                    pr1, _, _ = self._draw(np.random.default_rng(1000 + k), self.val_sets, False, offset=e)
+                    lg = self.model(torch.as_tensor(np.stack([pr0, pr1]), device=self.device))
+                    wins += int(lg[0] > lg[1])
+                out[name] = wins / n
+            pos = [self._draw(rng, self.val_sets, False, kind="zero")[0] for _ in range(64)]
+            neg = [self._draw(rng, self.val_sets, False, kind="large")[0] for _ in range(64)]
+            lp = self.model(torch.as_tensor(np.stack(pos), device=self.device)).float().cpu().numpy()
+            ln = self.model(torch.as_tensor(np.stack(neg), device=self.device)).float().cpu().numpy()
+            out["auc"] = float((lp[:, None] > ln[None, :]).mean())
+        self.model.train()
+        return out
+
+    def record(self) -> dict:
+        cfg = self.cfg
+        return {"data": {"multimodal_train": cfg.train_subjects, "multimodal_val": cfg.val_subjects,
+                         "ixi_synthetic": [s["name"] for s in self.ixi_sets]},
+                "loss": "BCE with logits on soft targets exp(-|d|^2/2) (d voxels)",
+                "offsets": f"zero / small (|d_i| <= 2) / large (3..{cfg.max_offset}) voxels, one third each",
+                "augmentation": "gamma 0.7-1.4 per patch" if cfg.aug_intensity else "none"}
+
+    def summary(self, val: dict) -> str:
+        return " ".join(f"{k} {val[k]:.3f}" for k in ("loss", "rank1", "rank3", "auc") if k in val)
