@@ -116,7 +116,13 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", default="", help="keep only cases whose subject contains this text "
                     "(e.g. patient19: the subject dsm never saw in training)")
     ap.add_argument("--checkpoint", default="", help="dsm checkpoint (default: the bundled one)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the .jsonl next to --out")
     args = ap.parse_args(argv)
+    if args.report_only:
+        rows = [json.loads(line) for line in open(Path(args.out).with_suffix(".jsonl"))]
+        write_report(rows, [m for m in args.methods.split(",") if any(r["method"] == m for r in rows)], args,
+                     Path(args.out))
+        return 0
     cases = make_cases(subject_list(), per_band=args.per_band, bands=BANDS3, seed=args.seed)
     if args.subjects:
         cases = [c for c in cases if args.subjects in c.subject]

@@ -7,6 +7,8 @@
 Drops the optimiser state (the file stays small), writes ``<paradigm>[_<variant>].pt``, then runs
 ``evaluate_pairs`` (the engine code `main.py evaluate` uses) on the test pairs with it and writes the
 card (JSON + markdown) with the training metadata and the measured Dice / fold / SDlogJ / seconds.
+Paradigms whose checkpoint is not measured on IXI pairs (``dsm``: multimodal known-transform cases)
+pass ``--measured RESULTS.json`` instead: its content becomes the card's ``test_evaluation``.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ def main() -> int:
     ap.add_argument("--pairs", default=str(ROOT / "resources" / "splits" / "ixi_test10.csv"))
     ap.add_argument("--note", default="")
     ap.add_argument("--param", action="append", default=[], help="paradigm parameter for the evaluation")
+    ap.add_argument("--measured", default="", help="JSON of measurements made elsewhere (e.g. bench_multimodal): "
+                    "written as the card's test_evaluation instead of evaluating IXI pairs")
     a = ap.parse_args()
     raw = torch.load(a.trained, map_location="cpu", weights_only=True)
     if raw.get("paradigm") != a.paradigm:
@@ -44,6 +48,16 @@ def main() -> int:
     torch.save(raw, tmp)
     os.replace(tmp, out)
     checkpoints.load_checkpoint(out, expected_paradigm=a.paradigm)  # must load strictly
+
+    if a.measured:
+        import json
+        card = {"paradigm": a.paradigm, "variant": a.variant or "default", "file": name,
+                "network": raw["network"], "preprocessing": raw["preprocessing"], "training": raw["training"],
+                "created": raw["created"], "note": a.note,
+                "test_evaluation": json.loads(Path(a.measured).read_text())}
+        checkpoints.write_card(out, card)
+        print(f"{name}: card written with the measurements of {a.measured}")
+        return 0
 
     from app.engine.paradigms import parse_param_args
     params = parse_param_args(a.param)

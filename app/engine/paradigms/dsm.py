@@ -139,8 +139,19 @@ class DsmRegistrar:
         if p.similarity == "dsm" and not decision.multimodal and decision.source in ("names", "intensity"):
             warnings.append(f"this pair looks like one modality ({decision.reason}); the dsm checkpoint was "
                             "trained on multimodal pairs: iterative or instance suit it better")
-        say("dsm: " + ("; ".join(warnings) if warnings else f"multimodal pair ({decision.reason})"), 0.0)
         fixed_w = to_isotropic(fixed, spacing)
+        if p.similarity == "dsm":
+            # a level whose grid cannot hold a patch is dropped (small fields of view, e.g. a spine crop)
+            patch = ckpt["model"].patch
+            keep = [i for i, f in enumerate(levels) if min(round(s / f) for s in fixed_w.shape) >= patch + 2]
+            if not keep:
+                raise ValueError(f"the fixed image ({fixed_w.shape} voxels of {spacing:g} mm) is smaller than one "
+                                 f"{patch}-voxel patch of the dsm network")
+            if len(keep) < len(levels):
+                warnings.append(f"levels {[levels[i] for i in range(len(levels)) if i not in keep]} dropped: "
+                                "the image is too small for the network's patches there")
+            levels, iters = [levels[i] for i in keep], [iters[i] for i in keep]
+        say("dsm: " + ("; ".join(warnings) if warnings else f"multimodal pair ({decision.reason})"), 0.0)
         if initial is not None:
             start = initial
         elif p.prealign == "center_of_mass":
