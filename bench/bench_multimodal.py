@@ -113,8 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="before,after")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--out", default="bench/results/multimodal.md")
-    ap.add_argument("--subjects", default="", help="keep only cases whose subject contains this text "
-                    "(e.g. patient19: the subject dsm never saw in training)")
+    ap.add_argument("--subjects", default="", help="draw the cases from the subjects whose name contains this "
+                    "text only (e.g. patient19: the subject dsm never saw in training)")
     ap.add_argument("--checkpoint", default="", help="dsm checkpoint (default: the bundled one)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the .jsonl next to --out")
     args = ap.parse_args(argv)
@@ -123,9 +123,10 @@ def main(argv=None) -> int:
         write_report(rows, [m for m in args.methods.split(",") if any(r["method"] == m for r in rows)], args,
                      Path(args.out))
         return 0
-    cases = make_cases(subject_list(), per_band=args.per_band, bands=BANDS3, seed=args.seed)
-    if args.subjects:
-        cases = [c for c in cases if args.subjects in c.subject]
+    subjects = [s for s in subject_list() if args.subjects in s]
+    if not subjects:
+        raise SystemExit(f"no subject matches {args.subjects!r}")
+    cases = make_cases(subjects, per_band=args.per_band, bands=BANDS3, seed=args.seed)
     methods = args.methods.split(",")
     cache: dict = {}
     rows = []
