@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
 
 def write_report(rows, methods, args, out: Path) -> None:
-    lines = ["# Multimodal pairs with exact answers: `iterative` defaults before vs after", "",
+    lines = [f"# Multimodal pairs with exact answers: {', '.join(methods)}", "",
              f"Command: `OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 nice -n 10 .venv/bin/python "
              f"bench/bench_multimodal.py --per-band {args.per_band} --spacing {args.spacing} --seed {args.seed}"
              f"{' --subjects ' + args.subjects if args.subjects else ''} --methods {args.methods}`",
