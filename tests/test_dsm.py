@@ -187,4 +187,4 @@ def test_one_modality_pair_gets_a_warning():
     res = paradigms.get("dsm").register(t1, t1, paradigms.make_params(paradigms.registrar_class("dsm").Params,
                                                                         {"iterations": "2", "levels": "2"}),
                                         progress=lambda p: msgs.append(p.message), device="cpu")
-    assert res.params["warnings"] and "one modality" in msgs[0]
+    assert res.params["warnings"] and "one modality" in msgs[0] and res.warnings == res.params["warnings"]

@@ -195,4 +195,4 @@ class DsmRegistrar:
                                   params={**params_to_dict(p), "modality": decision.to_dict(),
                                           "warnings": warnings},
                                   checkpoint_id=checkpoints.checkpoint_id(ckpt) if ckpt is not None else None,
-                                  warped_labels=warped_labels)
+                                  warped_labels=warped_labels, warnings=list(warnings))
