@@ -114,6 +114,8 @@ def test_register_reports_the_choice_in_params_and_progress():
     assert res.params["modality"] == "multi"
     assert any(m.startswith("multimodal pair") for m in msgs)
     assert [g["stage"] for g in chosen["guards"]] == ["rigid"]
+    assert res.warnings == (["the rigid stage kept its start: its result was worse by its own metric"]
+                            if chosen["guards"][0]["kept"] == "start" else [])
 
 
 # --------------------------------------------------------------------------- no worse than the start

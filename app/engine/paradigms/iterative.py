@@ -232,6 +232,9 @@ class IterativeRegistrar:
         return RegistrationResult(transform=transform, warped=warped, field=field, history=run.history,
                                   timings=timings, device=used, paradigm=self.key,
                                   params={**params_to_dict(p), "chosen": chosen},
+                                  warnings=[n for n in chosen["notes"] if n.startswith("warning")]
+                                  + [f"the {g['stage']} stage kept its start: its result was worse by its own metric"
+                                     for g in chosen["guards"] if g["kept"] == "start"],
                                   warped_labels=warped_labels)
 
 
