@@ -35,7 +35,7 @@ import numpy as np
 from ..training.config import LoopConfig
 from ..types import (LabelMap, Landmarks, Progress, ProgressFn, RegistrationResult, Transform, Volume,
                      check_cancel, params_to_dict)
-from .base import param
+from .base import parse_number_list, param
 
 
 @dataclass
@@ -110,10 +110,7 @@ class AgentRegistrar:
 
 def parse_steps(text) -> list[float]:
     """``"8,4,2,1"`` -> ``[8.0, 4.0, 2.0, 1.0]`` (positive, coarse to fine; ValueError otherwise)."""
-    try:
-        steps = [float(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"step sizes look like 8,4,2,1, got {text!r}") from None
+    steps = list(parse_number_list(text, float, "steps"))
     if not steps or min(steps) <= 0 or steps != sorted(steps, reverse=True):
         raise ValueError(f"step sizes must be positive and coarse to fine (e.g. 8,4,2,1), got {text!r}")
     return steps

@@ -36,6 +36,7 @@ from ..nn import geometry as G
 from ..nn.agent_net import AgentNet, greedy_episode, net_policy, warp_through_poses
 from ..types import Progress
 from .config import parse_grid
+from ..paradigms.base import parse_number_list
 from .loop import Trainer
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ SUCCESS_MM = 2.0
 
 
 def _floats(text) -> list[float]:
-    return [float(c) for c in str(text).split(",") if c.strip()]
+    return list(parse_number_list(text, float, "list"))
 
 
 class AgentLoss(nn.Module):
@@ -143,7 +144,7 @@ class AgentTrainer(Trainer):
                              for s in D.load_subjects(val_names, self.prep, cfg.data_root, True, cache)]
         if resume is not None:
             return resume["model"]
-        return AgentNet(channels=[int(c) for c in str(cfg.channels).split(",") if c.strip()], hidden=cfg.hidden)
+        return AgentNet(channels=list(parse_number_list(cfg.channels, int, "channels")), hidden=cfg.hidden)
 
     def objective(self):
         self.loss = AgentLoss(self.model)

@@ -51,6 +51,7 @@ from ..nn.twostage import PairTensors
 from ..spatial import identity_index_grid, physical_to_voxel_field, voxel_to_physical_field
 from ..types import Progress, ProgressFn
 from .config import parse_grid
+from ..paradigms.base import parse_number_list
 from .loop import Trainer
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,7 @@ STAGES = ("rigid", "affine", "affine+deformable")
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        return [int(c) for c in str(text).split(",") if c.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    return list(parse_number_list(text, int, "channel list"))
 
 
 def preprocessing(cfg) -> D.Preprocessing:
