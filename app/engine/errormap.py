@@ -1,8 +1,8 @@
 """Where is a registration likely wrong? Estimated registration-error maps for any result.
 
 A result's transform ``T`` maps fixed physical points to moving physical points (LPS mm). Its true
-error at a fixed point ``x`` is ``|T(x) - T*(x)|`` for the unknown correct ``T*``. Two estimators,
-both in mm on the fixed grid:
+error at a fixed point ``x`` is ``|T(x) - T*(x)|`` for the unknown correct ``T*``. Three estimators,
+all in mm on the fixed grid:
 
 * ``consistency`` (model-free, any paradigm or pipeline): register the reverse direction with the
   same paradigm and parameters, ``R`` mapping moving points to fixed points, and measure the
@@ -11,7 +11,7 @@ both in mm on the fixed grid:
   ``d(x) = 1 - LNCC(fixed, warped)(x)`` (a misaligned edge looks dissimilar even where both
   directions agree):  ``e(x) = a * ic(x) + b * d(x)``, with ``a``, ``b`` fitted by least squares on
   synthetic cases made from *training* subjects (``bench/bench_error_map.py --calibrate``).
-* ``dissimilarity`` (no extra registration: seconds): ``e(x) = b' * d(x)`` alone;
+* ``dissimilarity`` (the default; no extra registration: seconds): ``e(x) = b' * d(x)`` alone;
 * ``tta`` (test-time augmentation, for the fast learned paradigms): register ``samples`` more times,
   each from a small random rigid perturbation of the start (``initial``), and take the per-voxel RMS
   spread of the resulting ``T_k(x)``: ``e(x) = c * spread(x)``.
@@ -37,7 +37,8 @@ A_IC = 0.523
 B_DISSIM = 5.73
 # e = B_ONLY * d (mm), the dissimilarity alone
 B_ONLY = 8.08
-# e = C_TTA * spread (mm)
+# e = C_TTA * spread (mm): the RMS spread itself, not calibrated (tta ranked the true error poorly on the
+# training subjects, rho 0.05-0.25, so it was not worth fitting)
 C_TTA = 1.0
 
 
