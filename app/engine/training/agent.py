@@ -34,7 +34,6 @@ from .. import datasets as D
 from .. import rigid_pose as RP
 from ..nn import geometry as G
 from ..nn.agent_net import AgentNet, greedy_episode, net_policy, warp_through_poses
-from ..types import Progress
 from .config import parse_grid
 from ..paradigms.base import parse_number_list
 from .loop import Trainer
@@ -128,14 +127,8 @@ class AgentTrainer(Trainer):
         if len(_floats(cfg.pose_rot_deg)) != len(_floats(cfg.pose_trans_mm)) or not _floats(cfg.pose_rot_deg):
             raise ValueError(f"pose_rot_deg and pose_trans_mm need the same number of classes, got "
                              f"{cfg.pose_rot_deg!r} and {cfg.pose_trans_mm!r}")
-        split = D.load_split(cfg.split)
-        self.names = list(split["train"])
-        if cfg.max_train_subjects:
-            self.names = self.names[:cfg.max_train_subjects]
-        cache = cfg.cache_dir or None
-        if progress:
-            progress(Progress("load", message=f"preprocessing {len(self.names)} training subjects"))
-        subjects = D.load_subjects(self.names, self.prep, cfg.data_root, with_labels=True, cache_dir=cache)
+        subjects = self.load_training_subjects(self.prep, True, progress)
+        split, cache = D.load_split(cfg.split), cfg.cache_dir or None
         self.data = [_SubjectData(s, self.device) for s in subjects]
         self.val_data: list[_SubjectData] = []
         if self.rank == 0 and cfg.max_val_pairs:

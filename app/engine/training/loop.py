@@ -81,6 +81,19 @@ class Trainer:
         """The inference preprocessing stored in the checkpoint (grid shape, spacing, ...)."""
         raise NotImplementedError
 
+    # -- shared helpers
+    def load_training_subjects(self, prep, with_labels: bool, progress: Optional[ProgressFn] = None) -> list:
+        """The split's training subjects (the first ``max_train_subjects`` when set), preprocessed with
+        ``prep`` (cached in ``cache_dir``); sets ``self.names``. Returns the
+        :class:`~app.engine.datasets.Subject` list."""
+        from .. import datasets as D
+        cfg = self.cfg
+        self.names = list(D.load_split(cfg.split)["train"])[:cfg.max_train_subjects or None]
+        if progress:
+            progress(Progress("load", message=f"preprocessing {len(self.names)} training subjects"))
+        return D.load_subjects(self.names, prep, cfg.data_root, with_labels=with_labels,
+                               cache_dir=cfg.cache_dir or None)
+
     # -- optional
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

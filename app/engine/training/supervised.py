@@ -33,7 +33,6 @@ The options are :class:`app.engine.paradigms.supervised.SupervisedTrainConfig`; 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Optional
 
@@ -49,7 +48,6 @@ from ..nn import losses as L
 from ..nn.regression import SupervisedNet, endpoint_error, flow_target_loss, point_loss, run_supervised
 from ..nn.twostage import PairTensors
 from ..spatial import identity_index_grid, physical_to_voxel_field, voxel_to_physical_field
-from ..types import Progress, ProgressFn
 from .config import parse_grid
 from ..paradigms.base import parse_number_list
 from .loop import Trainer
@@ -221,12 +219,8 @@ class SupervisedTrainer(Trainer):
 
     def _load_data(self, progress=None) -> None:
         cfg = self.cfg
-        split = D.load_split(cfg.split)
-        names = list(split["train"])[:cfg.max_train_subjects or None]
-        if progress:
-            progress(Progress("load", message=f"preprocessing {len(names)} training subjects"))
-        cache = cfg.cache_dir or None
-        self.subjects = D.load_subjects(names, self.prep, cfg.data_root, with_labels=True, cache_dir=cache)
+        self.subjects = self.load_training_subjects(self.prep, True, progress)
+        split, cache = D.load_split(cfg.split), cfg.cache_dir or None
         if any(s.labels is None or not np.any(s.labels > 0) for s in self.subjects):
             raise ValueError("supervised training needs a brain label map for every training subject (the loss "
                              "is measured on brain points)")

@@ -42,7 +42,6 @@ from ..nn.networks import TwoStageNet
 from ..nn.similarity import get_similarity
 from ..nn.twostage import PairTensors, run_two_stage, warp_labels_nearest, warp_labels_onehot
 from ..spatial import warp_torch
-from ..types import Progress
 from .config import parse_grid
 from .loop import Trainer
 
@@ -263,14 +262,8 @@ class TwoStageTrainer(Trainer):
         self.weakly = self.key == "weakly"
         # resuming: the network, its working grid, its stage and its lineage come from the checkpoint
         self.prep = D.Preprocessing.from_dict(resume["preprocessing"]) if resume is not None else preprocessing(cfg)
-        split = D.load_split(cfg.split)
-        self.names = list(split["train"])
-        if cfg.max_train_subjects:
-            self.names = self.names[:cfg.max_train_subjects]
-        cache = cfg.cache_dir or None
-        if progress:
-            progress(Progress("load", message=f"preprocessing {len(self.names)} training subjects"))
-        self.subjects = D.load_subjects(self.names, self.prep, cfg.data_root, with_labels=self.weakly, cache_dir=cache)
+        self.subjects = self.load_training_subjects(self.prep, self.weakly, progress)
+        split, cache = D.load_split(cfg.split), cfg.cache_dir or None
         if self.weakly and any(s.labels is None for s in self.subjects):
             raise ValueError("weakly supervised training needs a label map for every training subject")
         self.val_pairs = [tuple(p) for p in split.get("val_pairs", [])][:cfg.max_val_pairs] if self.rank == 0 else []
