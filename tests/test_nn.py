@@ -5,6 +5,7 @@ import torch
 
 from app.engine import spatial
 from app.engine.nn import layers, losses
+from app.engine.nn.similarity import get_similarity
 from app.engine.nn.networks import AffineNet, DeformableNet, TwoStageNet, build_model
 
 
@@ -106,6 +107,39 @@ def test_lncc_invariant_to_affine_intensity():
     a = torch.rand(1, 1, 10, 10, 10, generator=g)
     assert losses.lncc(a, 3 * a + 1, 5).item() == pytest.approx(-1.0, abs=1e-3)
 
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_box_mean_matches_avg_pool_with_clipped_border_windows(nd, window):
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, *([6, 7, 8][:nd]), generator=g, dtype=torch.float64)
+    pool = torch.nn.functional.avg_pool3d if nd == 3 else torch.nn.functional.avg_pool2d
+    ref = pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
+    assert torch.allclose(losses.box_mean(x, window), ref, rtol=0, atol=1e-12)
+
+
+def test_box_mean_by_hand_on_an_image_narrower_than_the_window():
+    x = torch.tensor([[[[1.0, 2.0, 6.0]]]])                   # (1, 1, 1, 3): windows clip to the image
+    out = losses.box_mean(x, 5)
+    assert out.flatten().tolist() == pytest.approx([3.0, 3.0, 3.0])
+    with pytest.raises(ValueError, match="odd"):
+        losses.box_mean(x, 4)
+
+
+def test_lncc_with_precomputed_moments_and_the_cached_similarity():
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(1, 1, 9, 10, 11, generator=g)
+    b = torch.rand(1, 1, 9, 10, 11, generator=g)
+    plain = losses.lncc(a, b, 5)
+    assert losses.lncc(a, b, 5, a_moments=losses.lncc_moments(a, 5)).item() == pytest.approx(plain.item(), abs=1e-7)
+    with pytest.raises(ValueError, match="a_moments"):
+        losses.lncc(a, b, 5, a_moments=losses.lncc_moments(a[..., :5], 5))
+    sim = get_similarity("lncc", window=5)
+    assert sim(a, b).item() == pytest.approx(plain.item(), abs=1e-7)
+    assert sim(a, b).item() == pytest.approx(plain.item(), abs=1e-7)      # from the cached moments
+    a.mul_(0.5).add_(b * 0.5)                                              # in place: the cache must notice
+    assert sim(a, b).item() == pytest.approx(losses.lncc(a, b, 5).item(), abs=1e-7)
 
 def test_dice_loss_by_hand():
     f = torch.zeros(1, 1, 2, 2)

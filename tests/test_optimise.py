@@ -371,6 +371,25 @@ def test_cancel_raises_cancelled():
         assert len(seen) == 3 and seen[-1].stage == "optimise"
 
 
+
+def test_budget_caps_the_iterations_of_every_level():
+    fixed, moving = _pair("field", same_grid=True)
+    kw = dict(similarity="lncc", levels=(2, 1), iterations=(6, 4), device="cpu")
+    full = optimise(fixed, moving, "velocity", **kw)
+    assert full.iterations_run == {2: 6, 1: 4} and len(full.history) == 10
+    # a budget already spent when the first level starts: one iteration per level, finest level included
+    tiny = optimise(fixed, moving, "velocity", budget_s=1e-9, **kw)
+    assert tiny.iterations_run == {2: 1, 1: 1}
+    assert [h["level"] for h in tiny.history] == [0, 1]
+    # a generous budget changes nothing
+    ample = optimise(fixed, moving, "velocity", budget_s=3600.0, **kw)
+    assert ample.iterations_run == full.iterations_run
+    assert ample.final_loss == pytest.approx(full.final_loss, rel=1e-5)
+    with pytest.raises(ValueError, match="budget_s must be >= 0"):
+        optimise(fixed, moving, "velocity", budget_s=-1.0, **kw)
+    with pytest.raises(ValueError, match="lbfgs"):
+        optimise(fixed, moving, "affine", budget_s=5.0, optimizer="lbfgs", levels=(1,), iterations=(3,), device="cpu")
+
 def test_resolve_device(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")

@@ -337,6 +337,9 @@ class OptimiseResult:
     device : str
     initial : Transform
         The initial transform the optimisation started from.
+    iterations_run : dict
+        Adam iterations that ran per level, ``{shrink factor: count}`` (fewer than planned under
+        ``budget_s``; empty for L-BFGS).
     folded : bool
         True when a linear model absorbed ``initial`` (then ``transform`` is the model alone).
     """
@@ -349,6 +352,7 @@ class OptimiseResult:
     device: str = "cpu"
     initial: Transform = field(default_factory=Transform.identity)
     folded: bool = False
+    iterations_run: dict = field(default_factory=dict)
 
     @property
     def final_loss(self) -> float:
@@ -365,7 +369,7 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
              landmarks: Optional[tuple] = None,
              labels: Optional[tuple[LabelMap, LabelMap]] = None, label_weight: float = 1.0,
              mask: Optional[Volume] = None, percentile: Optional[float] = 99.0,
-             model_options: Optional[dict] = None,
+             model_options: Optional[dict] = None, budget_s: Optional[float] = None,
              progress: Optional[ProgressFn] = None, cancel: Optional[threading.Event] = None,
              device="auto", stage: str = "optimise", fraction: tuple[float, float] = (0.0, 1.0)
              ) -> OptimiseResult:
@@ -403,6 +407,13 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
         Intensities are clipped to ``[min, percentile]`` and scaled to [0, 1] (None: unchanged).
     model_options : dict, optional
         Passed to :func:`make_model` when ``model`` is a name.
+    budget_s : float, optional
+        Wall-clock seconds for the whole optimisation (from the call to the end of the last level;
+        the export of the transform comes on top), Adam only. Each level gets a share of the budget
+        in proportion to its planned work (voxels x iterations) and stops early, after at least one
+        iteration, when the cumulative share up to it is spent, so time a level leaves unused goes
+        to the next one. None or 0: no cap (every planned iteration runs). The result then depends on
+        the machine's speed and load; :attr:`OptimiseResult.iterations_run` says how many ran.
     progress, cancel
         ``progress(Progress)`` once per iteration (stage ``stage``); ``cancel`` is checked every
         iteration (:class:`~app.engine.types.Cancelled`).
@@ -435,6 +446,10 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
         lr = _DEFAULT_LR[kind]
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
+    if budget_s is not None and not budget_s >= 0:
+        raise ValueError(f"budget_s must be >= 0 seconds (0 or None: no cap), got {budget_s!r}")
+    if budget_s and optimizer != "adam":
+        raise ValueError(f"budget_s caps Adam's iterations; optimizer {optimizer!r} runs without a budget")
     sim_fn = None
     if similarity is not None:
         sim_fn = get_similarity(similarity, **(sim_options or {}))
@@ -477,6 +492,9 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
     t0 = time.perf_counter()
     full = tuple(f_t.shape[2:])
     reporter = _Reporter(progress, stage, levels_t, iters_t, full, fraction)
+    # cumulative deadline of every level (the budget shared in proportion to the planned work)
+    deadlines = (t_start + float(budget_s) * np.cumsum(reporter.cost) / reporter.wtotal) if budget_s else None
+    ran: dict[int, int] = {}
     min_size = 3 if regulariser == "bending" else 2
     for li, (shrink, n_it) in enumerate(zip(levels_t, iters_t)):
         t_level = time.perf_counter()
@@ -530,11 +548,14 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
 
         if optimizer == "adam":
             for it in range(n_it):
+                if deadlines is not None and it > 0 and time.perf_counter() > deadlines[li]:
+                    break
                 check_cancel(cancel)
                 closure()
                 opt.step()
                 reporter.report(li, shrink, it, float(last["loss"].detach()),
                                 {k: float(v.detach()) for k, v in last["terms"].items()}, last["warped"])
+                ran[shrink] = ran.get(shrink, 0) + 1
         elif n_it > 0:
             # one L-BFGS run per level (its curvature memory needs consecutive iterations); every
             # function evaluation (line-search trials included) is reported and may cancel
@@ -562,7 +583,7 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
     timings["export"] = time.perf_counter() - t0
     return OptimiseResult(transform=transform, model_transform=model_tf, model=model,
                           history=reporter.history, timings=timings, device=str(dev), initial=init_t,
-                          folded=bool(linear and folded))
+                          folded=bool(linear and folded), iterations_run=ran)
 
 
 def warp_moving(result: OptimiseResult, fixed: Volume, moving: Volume, padding_mode: str = "itk") -> Volume:

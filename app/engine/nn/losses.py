@@ -68,12 +68,64 @@ def ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, eps:
     return -r.mean()
 
 
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of ``x`` over the cubic (square in 2D) ``window`` centred on every voxel.
+
+    Windows that reach past the border average the voxels inside the image only (as
+    ``avg_pool3d(..., stride=1, padding=window // 2, count_include_pad=False)``, within float
+    rounding). Computed separably, one axis at a time, as sums of ``window`` shifted slices: about
+    five times faster than ``avg_pool3d`` on the CPU for a 5-voxel window, forward and backward.
+
+    Parameters
+    ----------
+    x : torch.Tensor (B, C, [D,] H, W)
+    window : odd int >= 1, voxels
+
+    Returns
+    -------
+    torch.Tensor, same shape and dtype as ``x``.
+    """
+    if x.dim() not in (4, 5):
+        raise ValueError(f"box_mean: expected (B, C, H, W) or (B, C, D, H, W), got {tuple(x.shape)}")
+    if int(window) != window or window < 1 or window % 2 == 0:
+        raise ValueError(f"box_mean: window must be an odd integer >= 1, got {window!r}")
+    half = int(window) // 2
+    if half == 0:
+        return x
+    for ax in range(2, x.dim()):
+        n = x.shape[ax]
+        pad = [0] * (2 * (x.dim() - 2))
+        pad[2 * (x.dim() - 1 - ax)] = pad[2 * (x.dim() - 1 - ax) + 1] = half   # F.pad lists the last axis first
+        xp = F.pad(x, pad)
+        s = xp.narrow(ax, 0, n)
+        for k in range(1, int(window)):
+            s = s + xp.narrow(ax, k, n)
+        idx = torch.arange(n, device=x.device)
+        count = (torch.clamp(idx + half, max=n - 1) - torch.clamp(idx - half, min=0) + 1).to(x.dtype)
+        shape = [1] * x.dim()
+        shape[ax] = n
+        x = s / count.view(shape)
+    return x
+
+
+def lncc_moments(a: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local mean and variance of ``a`` (B, 1, [D,] H, W) over a cubic ``window`` (see :func:`lncc`).
+
+    For an image compared many times (the fixed image of an optimisation), compute these once
+    and pass them to :func:`lncc` as ``a_moments``.
+    """
+    mu = box_mean(a, window)
+    return mu, (box_mean(a * a, window) - mu * mu).clamp_min(0)
+
+
 def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
-         mask: torch.Tensor | None = None) -> torch.Tensor:
+         mask: torch.Tensor | None = None,
+         a_moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Negative mean local (squared) normalised cross-correlation, as in VoxelMorph.
 
     For every voxel, ``cc = cov(a, b)**2 / (var(a) var(b) + eps)`` over a cubic ``window`` (voxels,
-    odd); the loss is ``-mean(cc)`` in [-1, 0] (-1: perfectly correlated everywhere).
+    odd; windows at the border average the voxels inside the image, :func:`box_mean`); the loss is
+    ``-mean(cc)`` in [-1, 0] (-1: perfectly correlated everywhere).
 
     Parameters
     ----------
@@ -81,22 +133,24 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5,
     window : odd int >= 1
     mask : torch.Tensor (B or 1, 1, [D,] H, W), optional
         Voxel weights in [0, 1]: the loss is the weighted mean of the local ``cc`` map.
+    a_moments : (mean, variance) of ``a``, optional
+        :func:`lncc_moments` ``(a, window)`` computed beforehand (same shape as ``a``); saves two of
+        the five box filters when ``a`` does not change between calls.
     """
-    nd = _check_pair(a, b, "lncc")
+    _check_pair(a, b, "lncc")
     _check_mask(mask, a, "lncc")
     if window < 1 or window % 2 == 0:
         raise ValueError(f"lncc window must be an odd number >= 1, got {window}")
-    pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
-    pad = window // 2
-
-    def mean(x):
-        # count_include_pad=False: border means are over the voxels inside the image only.
-        return pool(x, window, stride=1, padding=pad, count_include_pad=False)
-
-    mu_a, mu_b = mean(a), mean(b)
-    cross = mean(a * b) - mu_a * mu_b
-    var_a = (mean(a * a) - mu_a * mu_a).clamp_min(0)
-    var_b = (mean(b * b) - mu_b * mu_b).clamp_min(0)
+    if a_moments is None:
+        mu_a, var_a = lncc_moments(a, window)
+    else:
+        mu_a, var_a = a_moments
+        if mu_a.shape != a.shape or var_a.shape != a.shape:
+            raise ValueError(f"lncc: a_moments must have the shape of a {tuple(a.shape)}, got "
+                             f"{tuple(mu_a.shape)} and {tuple(var_a.shape)}")
+    mu_b = box_mean(b, window)
+    cross = box_mean(a * b, window) - mu_a * mu_b
+    var_b = (box_mean(b * b, window) - mu_b * mu_b).clamp_min(0)
     cc = cross * cross / (var_a * var_b + eps)
     return -_masked_mean(cc, mask)
 

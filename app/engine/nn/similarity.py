@@ -116,9 +116,18 @@ class LNCC(Similarity):
         if int(window) != window or window < 1 or window % 2 == 0:
             raise ValueError(f"lncc window must be an odd integer >= 1, got {window!r}")
         self.window = int(window)
+        self._moments = None        # (fixed tensor, its version, (mean, variance)) of the last fixed image
 
     def __call__(self, fixed, warped, mask=None):
-        return L.lncc(fixed, warped, self.window, mask=mask)
+        # an optimisation compares one fixed image many times: its local moments are computed once
+        # (kept while the same, unmodified, gradient-free tensor comes back)
+        if fixed.requires_grad or fixed.is_inference():   # inference tensors keep no version counter
+            return L.lncc(fixed, warped, self.window, mask=mask)
+        c = self._moments
+        if c is None or c[0] is not fixed or c[1] != fixed._version:
+            with torch.no_grad():
+                c = self._moments = (fixed, fixed._version, L.lncc_moments(fixed, self.window))
+        return L.lncc(fixed, warped, self.window, mask=mask, a_moments=c[2])
 
 
 class MI(Similarity):

@@ -68,6 +68,9 @@ class InstanceParams:
     learning_rate: float = param(0.1, "Adam step size (voxels of the field grid)", range=(1e-4, 10.0))
     percentile: float = param(99.0, "intensities are clipped to [min, this percentile] and scaled to [0, 1]",
                               range=(50.0, 100.0))
+    budget_s: float = param(0.0, "seconds for the field optimisation (0: no cap): every level gets a share in "
+                            "proportion to its planned work and stops early when it is spent (results then "
+                            "depend on the machine's speed and load)", range=(0.0, 3600.0))
 
 
 class InstanceRegistrar:
@@ -196,6 +199,7 @@ def refine(fixed: Volume, moving: Volume, initial: Union[RegistrationResult, Tra
                    similarity=p.similarity, sim_options={"window": p.lncc_window} if p.similarity == "lncc" else None,
                    regulariser=p.regulariser, weight=p.smoothness, levels=p.levels, iterations=p.iterations,
                    optimizer="adam", lr=p.learning_rate, percentile=p.percentile, model_options=model_options,
+                   budget_s=p.budget_s or None,
                    progress=progress, cancel=cancel, device=device, stage="instance",
                    fraction=(_fraction_start, 1.0))
     timings = {k: v for k, v in opt.timings.items() if k != "export"}
