@@ -5,9 +5,11 @@
         [--methods identity,greedy,ants,iterative,weakly,unsupervised,weakly+instance,weakly+instance_fast]
         [--out bench/results/peers_test20]      # writes OUT.json (every pair, every method) and OUT.md
         [--shard K/N]                            # pairs K, K+N, ...: OUT.shardK-of-N.json; then --merge N
+        [--indices I,J,...]                      # those pairs only (0-based): OUT.partI.json
 
 On a machine shared by many jobs, N shards run side by side (each interleaves all methods on its pairs, so
-every method meets the same load), and ``--merge N`` joins their rows into OUT.json and OUT.md.
+every method meets the same load), and ``--merge N`` joins their rows (and those of any ``OUT.part*.json``;
+one row per pair) into OUT.json and OUT.md.
 
 Peers (bench only, never requirements of the app):
 
@@ -36,8 +38,8 @@ Before the first pair every torch method runs once untimed (imports, first-call 
 
 Methods (``--methods``): ``identity``; ``greedy``; ``ants``; ``iterative`` (defaults); ``weakly``,
 ``unsupervised`` (bundled checkpoints, affine + deformable); ``weakly+instance`` (instance's defaults after
-``weakly``); ``weakly+instance_fast`` (instance's ``preset=fast`` after ``weakly``); any other paradigm or
-pipeline key runs with its defaults.
+``weakly``); ``weakly+instance_fast`` (the budgeted instance after ``weakly``: instance parameters of
+``--fast``, default :data:`FAST`); any other paradigm or pipeline key runs with its defaults.
 """
 from __future__ import annotations
 
@@ -75,8 +77,10 @@ OURS = {
     "weakly": ("weakly", None),
     "unsupervised": ("unsupervised", None),
     "weakly+instance": ("weakly+instance", None),
-    "weakly+instance_fast": ("weakly+instance", [{}, {"iterations": "30,20,5"}]),
+    "weakly+instance_fast": ("weakly+instance", None),      # [{}, --fast] (see main)
 }
+# the budgeted instance after a learned pass: tuned on validation pairs of resources/splits/ixi_split.json
+FAST = "iterations=30,20,5"
 LABELS = {"identity": "identity (before)", "greedy": "Greedy (affine + deformable)", "ants": "ANTsPy SyN",
           "iterative": "iterative (default)"}
 GREEDY_AFFINE = "-d 3 -a -dof 12 -ia-image-centers -m NCC 2x2x2 -n 100x50x10 -i fixed moving -o aff"
@@ -265,14 +269,22 @@ def markdown(summary: dict, meta: dict) -> str:
 
 
 def merge(out: str, n: int) -> int:
-    """Join the rows of ``OUT.shardK-of-N.json`` (K = 0..N-1) into OUT.json and OUT.md."""
-    parts = [json.loads(Path(f"{out}.shard{k}-of-{n}.json").read_text()) for k in range(n)]
-    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: r["pair"])
+    """Join the rows of ``OUT.shardK-of-N.json`` (K = 0..N-1) and ``OUT.part*.json`` into OUT.json and OUT.md
+    (one row per pair: the first file that has it)."""
+    files = [Path(f"{out}.shard{k}-of-{n}.json") for k in range(n)]
+    files += sorted(Path(out).parent.glob(Path(out).name + ".part*.json"))
+    parts = [json.loads(f.read_text()) for f in files]
+    by_pair = {}
+    for p in parts:
+        for r in p["rows"]:
+            by_pair.setdefault(r["pair"], r)
+    rows = [by_pair[k] for k in sorted(by_pair)]
     meta = dict(parts[0]["meta"])
     meta.update(started=min(p["meta"]["started"] for p in parts), finished=max(p["meta"]["finished"] for p in parts),
                 load_start="/".join(p["meta"]["load_start"] for p in parts),
                 load_end="/".join(p["meta"]["load_end"] for p in parts), pairs=len(rows),
-                command=parts[0]["meta"]["command"].split(" --shard")[0] + f" --shard K/{n} (K = 0..{n - 1}, side by side)")
+                command=parts[0]["meta"]["command"].split(" --shard")[0] + f" --shard K/{n} (K = 0..{n - 1}, side by side)"
+                + (f" and --indices for {len(files) - n} more processes" if len(files) > n else ""))
     summary = summarise(rows, meta["methods"])
     Path(out + ".json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     Path(out + ".md").write_text(markdown(summary, meta))
@@ -288,11 +300,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="threads for every method (0: each one's default)")
     ap.add_argument("--ants-python", default=str(ROOT / ".venv-bench" / "bin" / "python"))
     ap.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    ap.add_argument("--fast", default=FAST, help="instance parameters of weakly+instance_fast, NAME=VALUE;...")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "peers_test20"), help="OUT.json and OUT.md")
     ap.add_argument("--shard", default="", help="K/N: only pairs K, K+N, K+2N, ... (0 <= K < N)")
+    ap.add_argument("--indices", default="", help="only these pairs (0-based, comma-separated): OUT.partI.json")
     ap.add_argument("--merge", type=int, default=0, help="join the N shards' files into OUT.json and OUT.md")
     a = ap.parse_args()
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    OURS["weakly+instance_fast"] = ("weakly+instance", [{}, dict(kv.split("=", 1) for kv in a.fast.split(";") if kv)])
     if a.merge:
         return merge(a.out, a.merge)
     shard, nshards = (int(v) for v in a.shard.split("/")) if a.shard else (0, 1)
@@ -306,14 +321,18 @@ def main() -> int:
         raise SystemExit(f"ANTs needs {a.ants_python} (see this script's docstring) or leave 'ants' out of --methods")
     pairs_csv = Path(a.pairs)
     pairs = [(i, p) for i, p in enumerate(read_pairs(pairs_csv)[: a.limit or None]) if i % nshards == shard]
+    if a.indices:
+        wanted = [int(v) for v in a.indices.split(",")]
+        pairs = [(i, p) for i, p in pairs if i in wanted]
     meta = {"pairs_csv": os.path.relpath(pairs_csv, ROOT), "command": " ".join(["bench/bench_peers.py"] + sys.argv[1:]),
-            "threads": a.threads or "default", "started": time.strftime("%Y-%m-%d %H:%M"),
+            "threads": a.threads or "default", "fast": a.fast, "started": time.strftime("%Y-%m-%d %H:%M"),
             "load_start": "%.1f" % os.getloadavg()[0], "methods": methods}
     from app.engine.checkpoints import checkpoint_id, default_checkpoint, load_checkpoint
     meta["checkpoints"] = ", ".join(checkpoint_id(load_checkpoint(default_checkpoint(k), build=False))
                                     for k in ("weakly", "unsupervised") if any(k in m for m in methods)) or "none"
     rows = []
     suffix = f".shard{shard}-of-{nshards}" if nshards > 1 else ""
+    suffix += f".part{pairs[0][0]}" if a.indices else ""
     out_json, out_md = Path(a.out + suffix + ".json"), Path(a.out + suffix + ".md")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:

@@ -207,6 +207,15 @@ def test_other_similarities_improve_alignment(similarity):
     assert _interior_error(r.field, u) < 1.5            # from 3.1 mm
 
 
+
+def test_budget_s_runs_every_level_but_stops_each_early():
+    fixed, moving, _ = _pair()
+    r = refine(fixed, moving, None, _params(iterations="20,10", budget_s=1e-9), device="cpu")
+    assert [h["level"] for h in r.history] == [0, 1]          # one iteration per level, the finest included
+    assert r.params["budget_s"] == 1e-9
+    with pytest.raises(ValueError, match="budget_s"):
+        _params(budget_s=-1.0)
+
 def test_bad_params_raise():
     with pytest.raises(ValueError, match="iterations"):
         refine(*_pair()[:2], None, {"levels": "4,2,1", "iterations": "10,10"})
