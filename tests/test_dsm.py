@@ -11,7 +11,7 @@ from app.engine.nn import dsm_net
 from app.engine.nn.dsm_net import DsmNet, DsmSimilarity, extract_patches, sample_centres, similarity_map
 from app.engine.nn.similarity import get_similarity
 from app.engine.training.dsm import DsmLoss, DsmTrainer, random_lut, to_isotropic
-from app.engine.types import Volume
+from app.engine.types import Transform, Volume
 
 BUNDLED = Path(__file__).resolve().parents[1] / "resources" / "checkpoints" / "dsm.pt"
 HELD_OUT = Path("/work/shared/data/multimodal/ms_cross_sectional_patient19")
@@ -185,6 +185,69 @@ def test_one_modality_pair_gets_a_warning():
     t1, _ = _held_out_pair()
     msgs = []
     res = paradigms.get("dsm").register(t1, t1, paradigms.make_params(paradigms.registrar_class("dsm").Params,
-                                                                        {"iterations": "2", "levels": "2"}),
+                                                                        {"iterations": "2", "levels": "2",
+                                                                         "similarity_map": False}),
                                         progress=lambda p: msgs.append(p.message), device="cpu")
     assert res.params["warnings"] and "one modality" in msgs[0] and res.warnings == res.params["warnings"]
+    assert res.similarity_map is None
+
+
+@needs_bundle
+def test_agreement_map_is_on_the_fixed_grid_and_falls_when_misaligned():
+    from app.engine.paradigms._learned import load_model
+    from app.engine.paradigms.dsm import agreement_map
+    net = load_model("dsm", BUNDLED, kinds=("dsm",))["model"]
+    t1, t2 = _held_out_pair()
+    # fixed: a central crop of T1 on its own anisotropic grid (3 x 2 x 2.5 mm)
+    img = t1.to_sitk(sitk.sitkFloat32)[25:65, 30:80, 25:65]
+    grid = sitk.Resample(img, [27, 50, 32], sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), (3.0, 2.0, 2.5),
+                         img.GetDirection(), 0.0, sitk.sitkFloat32)
+    fixed = Volume.from_sitk(grid, "T1 crop")
+    ident = agreement_map(net, fixed, t2, Transform.identity(), 2.0)
+    assert ident.same_grid(fixed) and ident.array.dtype == np.float32
+    a = ident.array[np.isfinite(ident.array)]
+    assert a.size > 0.2 * ident.array.size and a.min() >= 0 and a.max() <= 1
+    shifted = agreement_map(net, fixed, t2, Transform(sitk.TranslationTransform(3, (6.0, 0, 0)), "rigid"), 2.0)
+    assert np.nanmean(ident.array) > np.nanmean(shifted.array) + 0.3
+    # the registrar returns it with the result (on by default)
+    res = paradigms.get("dsm").register(fixed, t2, paradigms.make_params(paradigms.registrar_class("dsm").Params,
+                                                                          {"iterations": "1", "levels": "1"}),
+                                        device="cpu")
+    assert res.similarity_map is not None and res.similarity_map.same_grid(fixed)
+    assert "similarity_map" in res.timings
+
+
+def test_checkpoint_modalities_and_the_untrained_modality_warning():
+    from app.engine import modality
+    old = {"preprocessing": {"modalities": "multimodal (trained on T1 / T1POST / T1c / T2 / FLAIR pairs and "
+                                           "remapped IXI T1)"}}
+    assert modality.checkpoint_modalities(old) == ["FLAIR", "T1", "T2"]
+    assert modality.checkpoint_modalities({"preprocessing": {"trained_modalities": ["T2", "T1"]}}) == ["T1", "T2"]
+    assert modality.checkpoint_modalities({"preprocessing": {}}) is None
+    trained = ["FLAIR", "T1", "T2"]
+    assert modality.untrained_modality_warning("T1.nii.gz", "FLAIR.nii.gz", trained) is None
+    assert modality.untrained_modality_warning("fixed.nii.gz", "moving.nii.gz", trained) is None
+    assert modality.untrained_modality_warning("head_ct.nii.gz", "T2.nii.gz", None) is None
+    w = modality.untrained_modality_warning("head_ct.nii.gz", "T1.nii.gz", trained)
+    assert w and "FLAIR / T1 / T2" in w and "fixed image 'head_ct.nii.gz' is CT" in w and "moving" not in w
+    w = modality.untrained_modality_warning("T1.nii.gz", "sub01_PD.nii.gz", trained)
+    assert "moving image 'sub01_PD.nii.gz' is PD" in w
+
+
+def test_trainer_records_the_modalities_it_trained_on(tmp_path):
+    from app.engine.training.dsm import DsmTrainer
+    t = DsmTrainer.__new__(DsmTrainer)
+    t.train_sets = [{"name": "a", "scales": [{"T1": None, "T2": None, "FLAIR": None, "T1POST": None}]},
+                    {"name": "b", "scales": [{"t1": None, "t1c": None, "pd": None}]}]
+    assert t.trained_modalities() == ["FLAIR", "PD", "T1", "T2"]
+
+
+@needs_bundle
+def test_a_pair_of_an_untrained_modality_gets_a_warning_naming_the_trained_ones():
+    t1, t2 = _held_out_pair()
+    ct = t2.with_array(t2.array, "head_CT.nii.gz")
+    fixed = t1.with_array(t1.array, "T1.nii.gz")
+    res = paradigms.get("dsm").register(fixed, ct, paradigms.make_params(paradigms.registrar_class("dsm").Params,
+                                                                          {"iterations": "1", "levels": "2",
+                                                                           "similarity_map": False}), device="cpu")
+    assert any("trained on FLAIR / T1 / T2" in w and "is CT" in w for w in res.warnings), res.warnings

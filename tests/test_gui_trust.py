@@ -361,3 +361,44 @@ def test_the_fixed_moving_layout_places_guides_while_guides_are_picked(win, qtbo
     qtbot.mouseClick(gp.pick_moving_button, qtbot_button())
     w.set_interaction("cursor")                 # the toolbar ends guide picking too
     assert gp.pick_target is None and not sbs.pick_guides
+
+
+# ----------------------------------------------------------------------------- dsm similarity map overlay
+def test_dsm_similarity_map_overlay_checkbox_colour_bar_and_read_out(win, qtbot):
+    from app.engine.spatial import resample
+    from app.viewer import compositing as comp
+    w, st = win, win.state
+    op = w.overlay_panel
+    _run(w)                                                            # a run without a map
+    assert st.similarity_map is None and not op.similarity_map_box.isEnabled()
+    t = Transform(sitk.TranslationTransform(3, (-2.5, 0.0, 0.0)), "rigid")
+    res = RegistrationResult(t, resample(st.moving, st.fixed, t), paradigm="dsm", device="cpu")
+    prob = np.full(st.fixed.shape, np.nan, np.float32)
+    prob[4:12, 5:15, 4:14] = np.linspace(0.0, 1.0, 10)[None, :, None]  # disagree at low y, agree at high y
+    res.similarity_map = st.fixed.with_array(prob)
+    w.registration_panel.run_finished.emit(res, {"paradigm": "dsm"})
+    assert st.similarity_map is res.similarity_map and op.similarity_map_box.isEnabled()
+    assert not st.overlay.similarity_map
+    op.similarity_map_box.setChecked(True)                             # view -> model
+    assert st.overlay.similarity_map and w.toggle_actions["similarity_map"].isChecked()
+    k, j, i = 8, 5, 9                                                  # P = 0: full disagreement
+    xyz = st.fixed.index_to_physical([[i, j, k]])[0]
+    st.set_cursor(xyz)
+    assert "dsm P(match): 0.00" in w.cursor_label.text()
+    view = w.slice_views["axial"]
+    view.flush()
+    assert view.agreement_bar.GetVisibility() and view.agreement_lut.GetRange() == pytest.approx((0.0, 1.0))
+    plane = view.plane
+    u, v, _ = plane.from_lps(xyz)
+    col = int(round((u - plane.origin_uv[0]) / plane.spacing_uv[0]))
+    row = int(round((v - plane.origin_uv[1]) / plane.spacing_uv[1]))
+    with_map = view.rgba[row, col, :3].astype(float)
+    st.set_overlay(similarity_map=False)                               # model -> view
+    assert not op.similarity_map_box.isChecked()
+    view.flush()
+    assert not view.agreement_bar.GetVisibility()
+    without = view.rgba[row, col, :3].astype(float)
+    rgb, alpha = comp.disagreement_rgba(np.array([0.0]))
+    np.testing.assert_allclose(with_map / 255, without / 255 * (1 - alpha[0]) + rgb[0] * alpha[0], atol=1.5 / 255)
+    st.set_cursor(st.fixed.index_to_physical([[0, 0, 0]])[0])          # not scored there: no read-out
+    assert "dsm P(match)" not in w.cursor_label.text()

@@ -192,3 +192,71 @@ def test_iterative_defaults_register_a_real_t2_to_t1_crop():
     err = np.linalg.norm(res.transform.transform_points(pts) - truth_t.transform_points(pts), axis=1).mean()
     start = np.linalg.norm(pts - truth_t.transform_points(pts), axis=1).mean()
     assert start > 8.0 and err < 2.0, (start, err)
+
+
+# --------------------------------------------------------------------------- multi-start rigid, deformable guard
+def test_start_rotations_are_proper_and_distinct():
+    rs = iterative._start_rotations(21, 25.0)
+    assert len(rs) == 21 and np.allclose(rs[0], np.eye(3))
+    for r in rs:
+        assert np.allclose(r @ r.T, np.eye(3), atol=1e-12) and np.isclose(np.linalg.det(r), 1.0)
+    angles = [np.rad2deg(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))) for r in rs]
+    assert np.allclose(angles[1:15], 25.0) and np.allclose(angles[15:], 50.0)
+    flat = np.array([r.ravel() for r in rs])
+    assert min(np.linalg.norm(a - b) for i, a in enumerate(flat) for b in flat[i + 1:]) > 0.1
+    assert len(iterative._start_rotations(7, 25.0)) == 7
+
+
+def test_rigid_starts_auto_is_several_for_multimodal_one_for_one_modality():
+    p = iterative.IterativeParams()
+    assert iterative.choose_settings(p, _decision(True), False)["rigid_starts"] == iterative.MULTIMODAL_RIGID_STARTS
+    assert iterative.choose_settings(p, _decision(False), False)["rigid_starts"] == 1
+    assert iterative.choose_settings(iterative.IterativeParams(rigid_starts=5), _decision(False), False)[
+        "rigid_starts"] == 5
+    assert "13 rigid starts" in iterative.describe_settings(iterative.choose_settings(p, _decision(True), False))
+
+
+def test_multistart_captures_a_rotation_one_start_misses():
+    fixed = brainlike(3)
+    t = sitk.Euler3DTransform()
+    t.SetCenter(tuple(fixed.index_to_physical([[(n - 1) / 2 for n in fixed.size_xyz]])[0]))
+    t.SetRotation(np.deg2rad(30), 0.0, 0.0)
+    truth = Transform(t, "rigid")
+    # moving(T(x)) = inverted fixed(x): a multimodal pair rotated by 30 degrees (one start: ~15 mm off)
+    inv = fixed.with_array(np.where(fixed.array > 0, 1.2 - fixed.array, 0).astype(np.float32), "moving")
+    moving = resample(inv, fixed, Transform(t.GetInverse(), "rigid"), "linear")
+    pts = fixed.index_to_physical(np.argwhere(fixed.array > 0.3)[::29][:, ::-1].astype(float))
+
+    def err(starts):
+        p = paradigms.make_params(iterative.IterativeParams, {"stages": "rigid", "modality": "multi", "levels": "2",
+                                                               "rigid_starts": starts, "sampling_percentage": 0.5})
+        res = paradigms.get("iterative").register(fixed, moving, p)
+        return np.linalg.norm(res.transform.transform_points(pts) - truth.transform_points(pts), axis=1).mean(), res
+
+    e1, _ = err(1)
+    e13, res = err(13)
+    assert e1 > 8.0 and e13 < 2.0, (e1, e13)
+    assert res.params["chosen"]["rigid_search"]["starts"] == 13
+
+
+def test_deformable_guard_keeps_a_gain_and_drops_a_loss():
+    fixed = brainlike()
+    img = iterative._normalise(fixed.to_sitk(sitk.sitkFloat32))
+    b = sitk.BSplineTransformInitializer(img, [3, 3, 3], 3)
+    coef = np.random.default_rng(0).normal(0, 4.0, len(b.GetParameters()))
+    b.SetParameters(tuple(coef))
+    step = Transform(b, "bspline")
+    p = iterative.IterativeParams(metric="mse", sampling_percentage=1.0)
+    run = iterative._Run(p, ["deformable"], [1], [1], None, None)
+    chosen = {"guards": []}
+    # aligned pair: the B-spline can only make it worse -> dropped (identity step)
+    kept = iterative._guard_deformable(run, img, img, None, Transform.identity(), step, chosen)
+    assert kept.kind == "identity" and chosen["guards"][-1]["kept"] == "start" and chosen["guards"][-1]["gain"] < 0
+    # fixed(x) = moving(B(x)): the B-spline is the answer -> kept
+    fixed_img = sitk.Resample(img, img, b, sitk.sitkLinear, 0.0)
+    kept = iterative._guard_deformable(run, fixed_img, img, None, Transform.identity(), step, chosen)
+    assert kept is step and chosen["guards"][-1]["kept"] == "result" and chosen["guards"][-1]["gain"] > 0
+    # a required gain it does not reach -> dropped
+    gain = chosen["guards"][-1]["gain"]
+    run.p = iterative.IterativeParams(metric="mse", sampling_percentage=1.0, deformable_min_gain=gain + 1e-9)
+    assert iterative._guard_deformable(run, fixed_img, img, None, Transform.identity(), step, chosen).kind == "identity"

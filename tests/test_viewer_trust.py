@@ -124,3 +124,32 @@ def test_run_spec_gives_each_pipeline_stage_its_parameters():
     with pytest.raises(ValueError, match="paradigm"):
         trust.run_spec(Run("c", None, {}))
     assert trust.correction_name("run", 1) == "run + correction (1 guide)"
+
+
+def test_disagreement_colours_fade_where_patches_agree_and_nan_is_transparent():
+    rgb, alpha = comp.disagreement_rgba(np.array([1.0, 0.5, 0.0, np.nan]))
+    assert alpha[0] == 0.0 and alpha[3] == 0.0                      # agree / not scored: the image shows
+    assert alpha[1] == pytest.approx(comp.DISAGREE_ALPHA * 0.5) and alpha[2] == pytest.approx(comp.DISAGREE_ALPHA)
+    np.testing.assert_allclose(rgb[2], comp.disagreement_table()[-1])
+    base = np.full((1, 3), 0.5, np.float32)
+    out = comp.compose(base, np.ones((1, 3), bool), agreement=np.array([[1.0, 0.0, np.nan]]))
+    assert tuple(out[0, 0, :3]) == (128, 128, 128) and tuple(out[0, 2, :3]) == (128, 128, 128)
+    expect = 0.5 * (1 - comp.DISAGREE_ALPHA) + comp.disagreement_table()[-1] * comp.DISAGREE_ALPHA
+    np.testing.assert_allclose(out[0, 1, :3] / 255, expect, atol=1 / 255)
+
+
+def test_similarity_map_read_out_follows_the_current_run():
+    ws = Workspace()
+    f = _oblique()
+    ws.state.set_layer("fixed", f)
+    ws.state.set_layer("moving", f)
+    assert ws.state.similarity_map is None and ws.state.similarity_at((0.0, 0.0, 0.0)) is None
+    res = _result(f, Transform.identity())
+    prob = np.full(f.shape, np.nan, np.float32)
+    prob[2, 3, 4] = 0.25
+    res.similarity_map = f.with_array(prob)
+    ws.add_run(res, {"paradigm": "dsm"})
+    xyz = f.index_to_physical([[4, 3, 2]])[0]
+    assert ws.state.similarity_map is res.similarity_map
+    assert ws.state.similarity_at(xyz) == pytest.approx(0.25)
+    assert ws.state.similarity_at(f.index_to_physical([[0, 0, 0]])[0]) is None     # not scored there

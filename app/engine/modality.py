@@ -213,3 +213,36 @@ def detect(fixed: Volume, moving: Volume, hint: str = "auto", transform=None) ->
     how = "not" if multi else "is"
     return ModalityDecision(multi, "intensity", f"the intensity relation {how} increasing "
                             f"(monotone share {st['ratio']:.2f}, eta2 {st['eta2']:.2f})", ev)
+
+
+def checkpoint_modalities(ckpt: dict) -> Optional[list[str]]:
+    """The modality families a learned-similarity checkpoint was trained on, or None if it does not say.
+
+    ``preprocessing['trained_modalities']`` (written by the trainer), else the modality tags in the
+    text of ``preprocessing['modalities']`` (older checkpoints: "trained on T1 / T1POST / T1c / T2 /
+    FLAIR pairs" -> ['FLAIR', 'T1', 'T2']).
+    """
+    prep = (ckpt or {}).get("preprocessing") or {}
+    if prep.get("trained_modalities"):
+        return sorted({str(m) for m in prep["trained_modalities"]})
+    text = str(prep.get("modalities") or "")
+    found = {_TOKENS[t] for t in re.split(r"[^a-z0-9]+", text.lower()) if t in _TOKENS}
+    return sorted(found) or None
+
+
+def untrained_modality_warning(fixed_name: str, moving_name: str, trained: Optional[list[str]]) -> Optional[str]:
+    """A warning when a named modality of the pair is not one a checkpoint was trained on, else None.
+
+    Only modalities the names state are checked (:func:`modality_from_name`); an unnamed image or a
+    checkpoint that does not say what it was trained on gives no warning.
+    """
+    if not trained:
+        return None
+    pair = {"fixed": modality_from_name(fixed_name), "moving": modality_from_name(moving_name)}
+    off = {k: v for k, v in pair.items() if v and v not in trained}
+    if not off:
+        return None
+    what = ", ".join(f"{k} image '{n}' is {off[k]}" for k, n in (("fixed", fixed_name), ("moving", moving_name))
+                     if k in off)
+    return (f"the checkpoint was trained on {' / '.join(trained)} images only; the {what}: its similarity "
+            "is untested on that modality (iterative with Mattes MI makes no such assumption)")

@@ -347,6 +347,10 @@ class RegistrationResult:
         For a pipeline (``A+B``): one record per stage (paradigm, params, checkpoint, timings).
     error_map : Volume or None
         Estimated registration error (mm) at every fixed voxel (:mod:`app.engine.errormap`), when asked.
+    similarity_map : Volume or None
+        ``dsm`` runs: the network's probability that the fixed and warped patches around each fixed
+        voxel correspond, in [0, 1], ``(z, y, x)`` on the fixed grid (NaN where no patch fits);
+        low values show where the learned similarity thinks the images disagree.
     """
 
     transform: Transform
@@ -361,6 +365,7 @@ class RegistrationResult:
     warped_labels: Optional[LabelMap] = None
     stages: list = dataclasses.field(default_factory=list)
     error_map: Optional[Volume] = None
+    similarity_map: Optional[Volume] = None
     warnings: list = dataclasses.field(default_factory=list)     # why the result may not be trusted
 
     def summary(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Colour composition of one slice view: window/level, overlay modes, Jacobian map, estimated
-registration-error map (numpy only).
+registration-error map, learned-similarity (dsm) disagreement map (numpy only).
 
 All inputs are 2D arrays on the pixels of one :class:`~app.viewer.slice_geometry.PlaneGrid`
 (row 0 = bottom of the screen); the output is an RGBA ``uint8`` image of the same shape.
@@ -20,6 +20,10 @@ ERROR_ALPHA = 0.75               # opacity of the error map at its top value (it
 _INFERNO = np.array([
     [0.001, 0.000, 0.014], [0.258, 0.039, 0.406], [0.578, 0.148, 0.404],
     [0.865, 0.317, 0.226], [0.988, 0.645, 0.040], [0.988, 0.998, 0.645]])
+
+DISAGREE_ALPHA = 0.7             # opacity of the dsm disagreement map at 1 (it fades to 0 where patches agree)
+# green (patches correspond) -> yellow -> red (the network sees no correspondence)
+_DISAGREE = np.array([[0.10, 0.62, 0.32], [0.99, 0.85, 0.10], [0.84, 0.10, 0.11]])
 
 # CIE-Lab "cool to warm" control points (Moreland), det = 0.25 ... 1 ... 4 on a log scale
 _COOLWARM = np.array([
@@ -90,6 +94,27 @@ def error_rgba(error_mm: np.ndarray, max_mm: float) -> tuple[np.ndarray, np.ndar
     return rgb, alpha
 
 
+def disagreement_table(n: int = 256) -> np.ndarray:
+    """(n, 3) RGB in [0, 1] for a dsm disagreement ``1 - P(correspond)`` from 0 to 1, evenly spaced."""
+    x = np.linspace(0, 1, len(_DISAGREE))
+    t = np.linspace(0, 1, n)
+    return np.stack([np.interp(t, x, _DISAGREE[:, c]) for c in range(3)], 1)
+
+
+def disagreement_rgba(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Colours ``(..., 3)`` and opacities ``(...)`` of the dsm agreement map ``prob`` (P that the fixed
+    and warped patches correspond, in [0, 1]): drawn as the disagreement ``1 - prob``, whose opacity
+    grows with it (``DISAGREE_ALPHA * (1 - prob)``) so that agreeing regions show the anatomy. NaN
+    (no patch scored there) is transparent."""
+    p = np.asarray(prob, np.float64)
+    t = np.clip(1.0 - np.nan_to_num(p, nan=1.0), 0.0, 1.0)
+    table = disagreement_table()
+    rgb = table[np.round(t * (len(table) - 1)).astype(int)]
+    alpha = DISAGREE_ALPHA * t
+    alpha[~np.isfinite(p)] = 0.0
+    return rgb, alpha
+
+
 def checker_mask(u_mm: np.ndarray, v_mm: np.ndarray, square_mm: float) -> np.ndarray:
     """True on the 'odd' squares of a checkerboard anchored at u = v = 0 (so all views agree).
 
@@ -111,7 +136,8 @@ def compose(base: np.ndarray | None, base_inside: np.ndarray, *, overlay: np.nda
             jacobian_inside: np.ndarray | None = None,
             labels_rgb: np.ndarray | None = None, labels_mask: np.ndarray | None = None,
             labels_opacity: float = 0.4, error: np.ndarray | None = None,
-            error_inside: np.ndarray | None = None, error_max_mm: float = 1.0) -> np.ndarray:
+            error_inside: np.ndarray | None = None, error_max_mm: float = 1.0,
+            agreement: np.ndarray | None = None, agreement_inside: np.ndarray | None = None) -> np.ndarray:
     """Compose one view's image.
 
     Parameters
@@ -138,6 +164,9 @@ def compose(base: np.ndarray | None, base_inside: np.ndarray, *, overlay: np.nda
     error, error_inside : (nv, nu) float (mm) / bool, optional
         Estimated registration error, drawn over everything else (:func:`error_rgba`, scale 0 to
         ``error_max_mm``).
+    agreement, agreement_inside : (nv, nu) float in [0, 1] / bool, optional
+        The dsm agreement map (P that the patches correspond), drawn as its disagreement
+        (:func:`disagreement_rgba`) under the error map.
 
     Returns
     -------
@@ -180,6 +209,11 @@ def compose(base: np.ndarray | None, base_inside: np.ndarray, *, overlay: np.nda
         a = float(np.clip(labels_opacity, 0, 1))
         m = (np.ones_like(base_inside) if labels_mask is None else labels_mask)[..., None] * a
         rgb = rgb * (1 - m) + labels_rgb * m
+    if agreement is not None:
+        argb, aalpha = disagreement_rgba(agreement)
+        if agreement_inside is not None:
+            aalpha = np.where(agreement_inside, aalpha, 0.0)
+        rgb = rgb * (1 - aalpha[..., None]) + argb * aalpha[..., None]
     if error is not None:
         ergb, ealpha = error_rgba(error, error_max_mm)
         if error_inside is not None:

@@ -52,6 +52,8 @@ class OverlaySettings:
     error_map : the current run's estimated registration-error map (mm) on/off
         (:mod:`app.engine.errormap`; computed on demand, see :meth:`Workspace.set_error_map`)
     error_max_mm : top of the error colour bar in mm; 0 = automatic (99th percentile of the map)
+    similarity_map : a ``dsm`` run's learned-similarity map on/off, drawn as its disagreement
+        ``1 - P(correspond)`` (``RegistrationResult.similarity_map``)
     """
 
     mode: str = "none"
@@ -69,6 +71,7 @@ class OverlaySettings:
     label_opacity: float = 0.4
     error_map: bool = False
     error_max_mm: float = 0.0
+    similarity_map: bool = False
 
     def validate(self) -> None:
         if self.mode not in OVERLAY_MODES:
@@ -384,6 +387,19 @@ class ViewerState:
         None without an error map or outside the fixed grid."""
         v = sample_point(self.error_map, xyz)
         return None if v is None else float(v)
+
+    # ------------------------------------------------------------------ dsm similarity map
+    @property
+    def similarity_map(self) -> Optional[Volume]:
+        """The current result's dsm agreement map ``(z, y, x)`` in [0, 1] on the fixed grid
+        (P that the fixed and warped patches correspond; NaN where no patch was scored), or None."""
+        return None if self.result is None else getattr(self.result, "similarity_map", None)
+
+    def similarity_at(self, xyz) -> Optional[float]:
+        """The dsm agreement P(correspond) of the current result at an LPS point (nearest voxel); None
+        without a map, outside the fixed grid or where no patch was scored."""
+        v = sample_point(self.similarity_map, xyz)
+        return None if v is None or not np.isfinite(v) else float(v)
 
     def has_data(self) -> bool:
         return self.reference is not None

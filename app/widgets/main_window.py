@@ -322,7 +322,8 @@ class MainWindow(QMainWindow):
             return a
         self.toggle_actions = {k: toggle(t, k) for k, t in (
             ("contours_fixed", "Fixed label contours"), ("contours_warped", "Warped label contours"),
-            ("grid", "Deformation grid"), ("jacobian", "Jacobian map"), ("error_map", "Error map"))}
+            ("grid", "Deformation grid"), ("jacobian", "Jacobian map"), ("error_map", "Error map"),
+            ("similarity_map", "dsm disagreement map"))}
 
     def _build_menus(self) -> None:
         mb = self.menuBar()
@@ -848,6 +849,9 @@ class MainWindow(QMainWindow):
         err = st.error_at(p)
         if err is not None:
             parts.append(f"est. error: {err:.2f} mm")
+        agree = st.similarity_at(p)
+        if agree is not None:
+            parts.append(f"dsm P(match): {agree:.2f}")
         self.cursor_label.setText("   |   ".join(parts))
 
     @property

@@ -108,6 +108,9 @@ class OverlayPanel(QWidget):
         self.error_map_box = QCheckBox("Estimated error map (mm)")
         self.error_map_box.setToolTip("Where the current run is likely wrong (compute it in the Trust panel); "
                                       "dark = small, bright yellow = large estimated error")
+        self.similarity_map_box = QCheckBox("dsm disagreement map (1 - P match)")
+        self.similarity_map_box.setToolTip("dsm runs: where the learned similarity thinks the fixed and warped "
+                                           "patches do not correspond; green/transparent = agree, red = disagree")
         deform = QGroupBox("Deformation")
         dv = QFormLayout(deform)
         grow = QHBoxLayout()
@@ -116,6 +119,7 @@ class OverlayPanel(QWidget):
         dv.addRow(grow)
         dv.addRow(self.jacobian_box)
         dv.addRow(self.error_map_box)
+        dv.addRow(self.similarity_map_box)
 
         self.preset_combo = QComboBox()
         for name in WL_PRESETS:
@@ -156,6 +160,7 @@ class OverlayPanel(QWidget):
         self.grid_spin.valueChanged.connect(lambda v: self._set(grid_every_vox=int(v)))
         self.jacobian_box.toggled.connect(lambda on: self._set(jacobian=on))
         self.error_map_box.toggled.connect(lambda on: self._set(error_map=on))
+        self.similarity_map_box.toggled.connect(lambda on: self._set(similarity_map=on))
         self.apply_preset_button.clicked.connect(self.apply_preset)
         self.preset_combo.activated.connect(lambda i: self.apply_preset())
 
@@ -191,7 +196,7 @@ class OverlayPanel(QWidget):
         widgets = (self.mode_combo, self.source_combo, self.opacity_slider, self.false_colour_box,
                    self.checker_spin, self.flicker_spin, self.contours_fixed_box, self.contours_warped_box,
                    self.grid_box, self.grid_spin, self.jacobian_box, self.fill_combo, self.fill_opacity,
-                   self.error_map_box)
+                   self.error_map_box, self.similarity_map_box)
         for w in widgets:
             w.blockSignals(True)
         try:
@@ -208,6 +213,7 @@ class OverlayPanel(QWidget):
             self.grid_spin.setValue(o.grid_every_vox)
             self.jacobian_box.setChecked(o.jacobian)
             self.error_map_box.setChecked(o.error_map)
+            self.similarity_map_box.setChecked(o.similarity_map)
             self.fill_combo.setCurrentIndex(self.fill_combo.findData(o.label_fill))
             self.fill_opacity.setValue(int(round(o.label_opacity * 100)))
         finally:
@@ -226,6 +232,7 @@ class OverlayPanel(QWidget):
         self.grid_spin.setEnabled(has_result)
         self.jacobian_box.setEnabled(has_result)
         self.error_map_box.setEnabled(st.error_map is not None)
+        self.similarity_map_box.setEnabled(st.similarity_map is not None)
         self.contours_fixed_box.setEnabled(st.fixed_labels is not None)
         self.contours_warped_box.setEnabled(st.moving_labels is not None or
                                             (has_result and st.result.warped_labels is not None))

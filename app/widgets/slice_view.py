@@ -224,6 +224,29 @@ class SliceView(QWidget):
         self.error_bar.VisibilityOff()
         self.renderer.AddViewProp(self.error_bar)
 
+        # the dsm disagreement map's colour bar: 1 - P(correspond), 0 (agree) to 1
+        self.agreement_lut = vtkLookupTable()
+        vtk_adapter.table_to_lut(self.agreement_lut, comp.disagreement_table())
+        self.agreement_lut.SetRange(0.0, 1.0)
+        self.agreement_bar = vtkScalarBarActor()
+        self.agreement_bar.SetLookupTable(self.agreement_lut)
+        self.agreement_bar.SetTitle("dsm\n1-P")
+        self.agreement_bar.SetNumberOfLabels(3)
+        self.agreement_bar.SetLabelFormat("%.2g")
+        self.agreement_bar.SetMaximumWidthInPixels(56)
+        self.agreement_bar.SetBarRatio(0.3)
+        self.agreement_bar.GetPositionCoordinate().SetCoordinateSystemToNormalizedViewport()
+        self.agreement_bar.SetPosition(0.89, 0.1)
+        self.agreement_bar.SetWidth(0.11)
+        self.agreement_bar.SetHeight(0.75)
+        for tp in (self.agreement_bar.GetLabelTextProperty(), self.agreement_bar.GetTitleTextProperty()):
+            tp.SetFontSize(11)
+            tp.ShadowOff()
+            tp.ItalicOff()
+        self.agreement_bar.UnconstrainedFontSizeOn()
+        self.agreement_bar.VisibilityOff()
+        self.renderer.AddViewProp(self.agreement_bar)
+
     # ------------------------------------------------------------------ state events
     def _mark(self, *what: str) -> None:
         self._dirty.update(what)
@@ -277,7 +300,8 @@ class SliceView(QWidget):
         if self.plane is None:
             for a in (self.image_actor, self._grid[1], self._contour_fixed[1], self._contour_warped[1],
                       self._lm_fixed[1], self._lm_moving[1], self._lm_selected[1], self._crosshair[1],
-                      self.scalar_bar, self.error_bar, self._guide_fixed[1], self._guide_moving[1]):
+                      self.scalar_bar, self.error_bar, self.agreement_bar, self._guide_fixed[1],
+                      self._guide_moving[1]):
                 a.VisibilityOff()
             self._title.setText(self.orientation.capitalize())
             self.rgba = None
@@ -352,6 +376,10 @@ class SliceView(QWidget):
         if ov.error_map and st.error_map is not None:
             err, err_inside = self._sampled("error_map", st.error_map, 1)
             err_max = st.error_scale_mm()
+        agree = agree_inside = None
+        if ov.similarity_map and st.similarity_map is not None:
+            # nearest: the map is blocky (one value per scored patch) and NaN where none was scored
+            agree, agree_inside = self._sampled("similarity_map", st.similarity_map, 0)
         lab_rgb = lab_mask = None
         fill = st.fixed_labels if ov.label_fill == "fixed" else st.warped_labels() if ov.label_fill == "warped" else None
         if fill is not None:
@@ -364,7 +392,8 @@ class SliceView(QWidget):
                                  false_colour=ov.false_colour, flicker_phase=st.flicker_phase,
                                  jacobian=jac, jacobian_inside=jac_inside, labels_rgb=lab_rgb,
                                  labels_mask=lab_mask, labels_opacity=ov.label_opacity,
-                                 error=err, error_inside=err_inside, error_max_mm=err_max)
+                                 error=err, error_inside=err_inside, error_max_mm=err_max,
+                                 agreement=agree, agreement_inside=agree_inside)
         vtk_adapter.rgba_image(self.rgba, plane.origin_uv, plane.spacing_uv, self.vtk_image)
         self.image_actor.GetMapper().SetInputData(self.vtk_image)
         self.image_actor.VisibilityOn()
@@ -374,6 +403,9 @@ class SliceView(QWidget):
             self.error_lut.SetRange(0.0, err_max)
             # beside the Jacobian bar when both are shown
             self.error_bar.SetPosition(0.78 if show_bar else 0.89, 0.1)
+        self.agreement_bar.SetVisibility(agree is not None)
+        if agree is not None:   # left of the other bars shown
+            self.agreement_bar.SetPosition(0.89 - 0.11 * (int(show_bar) + int(err is not None)), 0.1)
 
     def _update_contours(self) -> None:
         st, ov = self.state, self.state.overlay

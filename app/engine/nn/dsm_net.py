@@ -169,37 +169,46 @@ class DsmSimilarity:
         return F.softplus(-self.scores(fixed, warped, centres)).mean()
 
 
-def similarity_map(net: DsmNet, fixed: np.ndarray, warped: np.ndarray, stride: int = 4) -> np.ndarray:
+def similarity_map(net: DsmNet, fixed: np.ndarray, warped: np.ndarray, stride: int = 4,
+                   mask: Optional[np.ndarray] = None) -> np.ndarray:
     """Where the network thinks the images disagree: P(correspond) on a strided grid, upsampled.
 
     Parameters
     ----------
     fixed, warped : (D, H, W) arrays in [0, 1] on the same (working) grid.
     stride : voxels between evaluated centres.
+    mask : (D, H, W) bool, optional
+        Only centres inside it are scored (the others' blocks are NaN): a foreground mask saves
+        the cost of scoring background patches.
 
     Returns
     -------
     (D, H, W) float32 array of probabilities in [0, 1] (nearest upsampling of the strided grid;
-    0 where no patch fits).
+    0 where no patch fits, NaN for centres outside ``mask``).
     """
     if fixed.shape != warped.shape or fixed.ndim != 3:
         raise ValueError(f"fixed and warped must be 3D arrays of one shape, got {fixed.shape} and {warped.shape}")
+    if mask is not None and np.shape(mask) != fixed.shape:
+        raise ValueError(f"mask must have the images' shape {fixed.shape}, got {np.shape(mask)}")
     p, r = net.patch, net.patch // 2
     axes = [np.arange(r, s - r, stride) for s in fixed.shape]
     out = np.zeros(fixed.shape, np.float32)
     if any(len(a) == 0 for a in axes):
         return out
     zz, yy, xx = np.meshgrid(*axes, indexing="ij")
-    centres = torch.as_tensor(np.stack([zz.ravel(), yy.ravel(), xx.ravel()], 1))
+    keep = np.ones(zz.size, bool) if mask is None else np.asarray(mask, bool)[zz, yy, xx].ravel()
+    centres = torch.as_tensor(np.stack([zz.ravel(), yy.ravel(), xx.ravel()], 1)[keep])
     dev = next(net.parameters()).device
     f_t = torch.as_tensor(fixed, dtype=torch.float32, device=dev)
     w_t = torch.as_tensor(warped, dtype=torch.float32, device=dev)
-    probs = []
+    probs = [torch.zeros(0)]
     with torch.no_grad():
         for chunk in torch.split(centres.to(dev), 512):
             pair = torch.stack([extract_patches(f_t, chunk, p), extract_patches(w_t, chunk, p)], 1)
             probs.append(torch.sigmoid(net.eval()(pair)).cpu())
-    prob = torch.cat(probs).numpy().reshape(zz.shape)
+    prob = np.full(zz.size, np.nan, np.float32)
+    prob[keep] = torch.cat(probs).numpy()
+    prob = prob.reshape(zz.shape)
     # nearest evaluated centre along each axis (voxels farther than a patch radius stay 0)
     near = [np.clip(np.round((np.arange(n) - r) / stride).astype(int), 0, len(a) - 1) for n, a in zip(fixed.shape, axes)]
     full = prob[np.ix_(*near)]

@@ -48,6 +48,8 @@ class DsmParams:
     prealign: str = param("center_of_mass", "start: centres of mass onto each other, or as the images lie",
                           choices=("center_of_mass", "none"))
     seed: int = param(0, "seed of the patch sampling", range=(0, 2**31 - 1))
+    similarity_map: bool = param(True, "also compute the network's agreement map at the result (P that the fixed "
+                                 "and warped patches correspond, on the fixed grid; shown as an overlay)")
 
 
 @dataclass
@@ -139,6 +141,10 @@ class DsmRegistrar:
         if p.similarity == "dsm" and not decision.multimodal and decision.source in ("names", "intensity"):
             warnings.append(f"this pair looks like one modality ({decision.reason}); the dsm checkpoint was "
                             "trained on multimodal pairs: iterative or instance suit it better")
+        if p.similarity == "dsm":
+            off = modality.untrained_modality_warning(fixed.name, moving.name, modality.checkpoint_modalities(ckpt))
+            if off:
+                warnings.append(off)
         fixed_w = to_isotropic(fixed, spacing)
         if p.similarity == "dsm":
             # a level whose grid cannot hold a patch is dropped (small fields of view, e.g. a spine crop)
@@ -186,6 +192,11 @@ class DsmRegistrar:
         warped = resample(moving, fixed, transform, "linear")
         warped_labels = resample(moving_labels, fixed, transform, "nearest") if moving_labels is not None else None
         timings["resample"] = time.perf_counter() - t0
+        sim_map = None
+        if p.similarity == "dsm" and p.similarity_map:
+            t0 = time.perf_counter()
+            sim_map = agreement_map(ckpt["model"], fixed, moving, transform, spacing)
+            timings["similarity_map"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         if progress:
             progress(Progress("done", total, total, history[-1]["loss"] if history else float("nan"), 1.0,
@@ -195,4 +206,42 @@ class DsmRegistrar:
                                   params={**params_to_dict(p), "modality": decision.to_dict(),
                                           "warnings": warnings},
                                   checkpoint_id=checkpoints.checkpoint_id(ckpt) if ckpt is not None else None,
-                                  warped_labels=warped_labels, warnings=list(warnings))
+                                  warped_labels=warped_labels, warnings=list(warnings), similarity_map=sim_map)
+
+
+def agreement_map(net, fixed: Volume, moving: Volume, transform: Transform, spacing_mm: float,
+                  stride: int = 4) -> Volume:
+    """The network's agreement map of a result, on the fixed grid.
+
+    ``fixed`` and ``moving`` warped through ``transform`` (fixed -> moving points) are brought onto
+    the isotropic working grid of ``spacing_mm`` (as the optimiser saw them: clipped at the 99th
+    percentile, scaled to [0, 1]), :func:`app.engine.nn.dsm_net.similarity_map` scores patches every
+    ``stride`` voxels, and the map is resampled (nearest) onto the fixed grid.
+
+    Returns
+    -------
+    Volume ``(z, y, x)`` on the fixed grid (its spacing, origin, direction; LPS), P(correspond) in
+    [0, 1]; NaN where no patch of the working grid fits (the image border).
+    """
+    import SimpleITK as sitk
+    from ..datasets import normalize_intensity
+    from ..nn.dsm_net import similarity_map
+    from ..spatial import resample
+    from ..training.dsm import to_isotropic
+
+    fixed_w = to_isotropic(fixed, spacing_mm)
+    warped_w = resample(moving, fixed_w, transform, "linear")
+    f_n = normalize_intensity(fixed_w.array)
+    # background patches carry nothing to compare and cost most of the time: score the foreground
+    # (the optimiser's patch rule: fixed > 0.05 after normalisation)
+    prob = similarity_map(net, f_n, normalize_intensity(warped_w.array), stride, mask=f_n > 0.05)
+    r = net.patch // 2
+    valid = np.zeros(prob.shape, bool)
+    valid[tuple(slice(r, n - r) for n in prob.shape)] = True
+    prob = np.where(valid & np.isfinite(prob), prob, -1.0).astype(np.float32)
+    img = fixed_w.with_array(prob).to_sitk(sitk.sitkFloat32)
+    on_fixed = sitk.Resample(img, fixed.to_sitk(sitk.sitkFloat32), sitk.Transform(), sitk.sitkNearestNeighbor,
+                             -1.0, sitk.sitkFloat32)
+    a = sitk.GetArrayFromImage(on_fixed)
+    a[a < 0] = np.nan
+    return fixed.with_array(a.astype(np.float32), f"dsm agreement ({fixed.name})")

@@ -148,7 +148,14 @@ class DsmTrainer(Trainer):
                 "spatial_dims": 3,
                 "grid": "isotropic, fixed image's origin and direction",
                 "intensity": "clip to [min, p99] then scale to [0, 1]", "prealignment": "center_of_mass",
-                "modalities": "multimodal (trained on T1 / T1POST / T1c / T2 / FLAIR pairs and remapped IXI T1)"}
+                "modalities": "multimodal (trained on T1 / T1POST / T1c / T2 / FLAIR pairs and remapped IXI T1)",
+                "trained_modalities": self.trained_modalities()}
+
+    def trained_modalities(self) -> list[str]:
+        """Modality families (:func:`app.engine.modality.modality_from_name`) of the aligned training images."""
+        from ..modality import modality_from_name
+        names = {m for s in getattr(self, "train_sets", []) for m in s["scales"][0]}
+        return sorted({f for f in map(modality_from_name, names) if f})
 
     # ------------------------------------------------------------------ sampling
     def _draw(self, rng: np.random.Generator, sets: list[dict], synthetic: bool, kind: str | None = None,
