@@ -221,7 +221,8 @@ def agreement_map(net, fixed: Volume, moving: Volume, transform: Transform, spac
     Returns
     -------
     Volume ``(z, y, x)`` on the fixed grid (its spacing, origin, direction; LPS), P(correspond) in
-    [0, 1]; NaN where no patch of the working grid fits (the image border).
+    [0, 1]; NaN where no patch of the working grid fits (the image border) and on the fixed
+    background (intensity <= 5 % of the [min, p99] range).
     """
     import SimpleITK as sitk
     from ..datasets import normalize_intensity
@@ -243,5 +244,6 @@ def agreement_map(net, fixed: Volume, moving: Volume, transform: Transform, spac
     on_fixed = sitk.Resample(img, fixed.to_sitk(sitk.sitkFloat32), sitk.Transform(), sitk.sitkNearestNeighbor,
                              -1.0, sitk.sitkFloat32)
     a = sitk.GetArrayFromImage(on_fixed)
-    a[a < 0] = np.nan
+    # a scored block reaches past the head's edge: keep the map on the fixed foreground only
+    a[(a < 0) | (normalize_intensity(fixed.array) <= 0.05)] = np.nan
     return fixed.with_array(a.astype(np.float32), f"dsm agreement ({fixed.name})")
