@@ -163,6 +163,7 @@ def _cmd_register(a) -> int:
         bar.close()
     write_registration(a.out, result, m)
     _print_summary(m)
+    _print_checks(m)
     return 0
 
 
@@ -175,6 +176,23 @@ def _print_summary(m: dict) -> None:
           f"TRE {f(b.get('tre_mean_mm'), '.2f')} -> {f(m.get('tre_mean_mm'), '.2f')} mm | "
           f"fold {f(None if m.get('fold_fraction') is None else 100 * m['fold_fraction'], '.3f')} % | "
           f"SDlogJ {f(m.get('sdlogj'), '.3f')} | {f(m.get('runtime_s'), '.1f')} s on {m.get('device')}")
+
+
+def _print_checks(m: dict) -> None:
+    """The result's self-checks: every stage check's values and kept stage, then the warnings."""
+    checks = m.get("checks") or {}
+    per = {"": checks} if "stage_check" in checks else {f"stage {k}: ": v for k, v in checks.items()}
+    for prefix, c in per.items():
+        sc = (c or {}).get("stage_check") if isinstance(c, dict) else None
+        if sc:
+            vals = " -> ".join(f"{k} {v:.3f}" for k, v in sc["values"].items())
+            print(f"{prefix}stage check ({sc['metric']} on the fixed grid): {vals}; kept {sc['kept']}"
+                  + (" (WORSE than its input: not the full result)" if sc.get("flagged") else ""))
+    if m.get("flagged"):
+        print("RESULT FLAGGED: a learned stage made the pair less similar than its input; "
+              "the better stage's transform was kept (see the warnings and metrics.json 'checks')")
+    for w in m.get("warnings") or []:
+        print(f"WARNING: {w}")
 
 
 _CANCEL = threading.Event()
@@ -227,6 +245,10 @@ def _run_batch(a, mode: str) -> int:
         bar.close()
     print(f"{summary['pairs']} of {len(pairs)} pairs: ", end="")
     _print_summary(summary)
+    if summary.get("flagged") or summary.get("with_warnings"):
+        print(f"{summary.get('flagged', 0)} pair(s) flagged (a learned stage made the pair worse; the better "
+              f"stage was kept), {summary.get('with_warnings', 0)} with warnings: see the 'flagged' and "
+              f"'warnings' columns of results.csv")
     if summary["resumed"]:
         print(f"{summary['resumed']} of {len(pairs)} pairs were already done in {a.out} (--resume)")
     if summary["failed"]:

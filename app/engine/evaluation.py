@@ -147,6 +147,12 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
         m["stages"] = [{k: s[k] for k in ("paradigm", "checkpoint", "timings")} for s in result.stages]
     m["metric_style"] = metric_style
     m["before"] = before
+    # the result's self-checks (stage check of learned results, inputs vs the checkpoint's training
+    # data): a flagged result carries an earlier stage's transform and must not pass as a success
+    m["warnings"] = list(result.warnings)
+    m["flagged"] = bool(result.flagged)
+    if result.checks:
+        m["checks"] = result.checks
     if guided is not None:
         m["guidance"] = guided
     if error_map:
@@ -202,6 +208,9 @@ def _flat_row(name_fixed: str, name_moving: str, m: dict) -> dict:
     for k in ("error_map_mean_mm", "error_map_p95_mm"):
         if k in m:
             row[k] = m[k]
+    # the result's self-checks: flagged = a stage made the pair worse and an earlier stage was kept
+    row["flagged"] = bool(m.get("flagged", False))
+    row["warnings"] = " | ".join(m.get("warnings") or [])
     return row
 
 
@@ -217,6 +226,8 @@ def summarize(rows: list[dict]) -> dict:
     for k in SUMMARY_KEYS[:-1]:
         s["before"][k], s["before"][f"{k}_std"] = agg(f"before_{k}", rows)
     s["device"] = rows[0].get("device") if rows else None
+    s["flagged"] = sum(1 for r in rows if r.get("flagged") in (True, "True", "true", 1))
+    s["with_warnings"] = sum(1 for r in rows if r.get("warnings"))
     return s
 
 

@@ -161,6 +161,7 @@ def register_pipeline(spec, fixed: Volume, moving: Volume, params=None, *,
     transform = initial
     history: list[dict] = []
     warnings: list[str] = []
+    checks: dict[str, dict] = {}
     stages: list[dict] = []
     timings: dict[str, float] = {}
     result: Optional[RegistrationResult] = None
@@ -178,6 +179,8 @@ def register_pipeline(spec, fixed: Volume, moving: Volume, params=None, *,
         timings[f"{i + 1}:{key}"] = seconds
         history += [{**h, "pipeline_stage": i + 1} for h in result.history]
         warnings += [f"stage {i + 1} ({key}): {w}" for w in getattr(result, "warnings", [])]
+        if getattr(result, "checks", None):
+            checks[f"{i + 1}:{key}"] = result.checks
         stages.append({"paradigm": key, "params": dict(result.params) or params_to_dict(p),
                        "checkpoint": result.checkpoint_id,
                        "timings": dict(result.timings), "device": result.device})
@@ -195,4 +198,4 @@ def register_pipeline(spec, fixed: Volume, moving: Volume, params=None, *,
         result, history=history, timings=timings, paradigm="+".join(keys),
         params={f"{i + 1}:{k}": s["params"] for i, (k, s) in enumerate(zip(keys, stages))},
         checkpoint_id=";".join(s["checkpoint"] for s in stages if s["checkpoint"]) or None,
-        device=",".join(sorted({s["device"] for s in stages})), stages=stages, warnings=warnings)
+        device=",".join(sorted({s["device"] for s in stages})), stages=stages, warnings=warnings, checks=checks)

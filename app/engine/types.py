@@ -351,6 +351,12 @@ class RegistrationResult:
         ``dsm`` runs: the network's probability that the fixed and warped patches around each fixed
         voxel correspond, in [0, 1], ``(z, y, x)`` on the fixed grid (NaN where no patch fits);
         low values show where the learned similarity thinks the images disagree.
+    warnings : list of str
+        Why the result may not be trusted (shown with the result in the CLI and the GUI).
+    checks : dict
+        Self-checks of the result, JSON-safe: ``"stage_check"`` (:mod:`app.engine.stagecheck`: the
+        similarity of every stage, which one was kept and why), ``"input_check"``
+        (:mod:`app.engine.expectations`); a pipeline keys them by stage, ``{"1:weakly": {...}}``.
     """
 
     transform: Transform
@@ -367,6 +373,13 @@ class RegistrationResult:
     error_map: Optional[Volume] = None
     similarity_map: Optional[Volume] = None
     warnings: list = dataclasses.field(default_factory=list)     # why the result may not be trusted
+    checks: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def flagged(self) -> bool:
+        """True when a stage check found a stage that made the pair worse (the result carries an
+        earlier stage's transform): the run must not be shown as a plain success."""
+        return checks_flagged(self.checks)
 
     def summary(self) -> dict[str, Any]:
         out = {"paradigm": self.paradigm, "params": self.params, "checkpoint": self.checkpoint_id,
@@ -375,7 +388,20 @@ class RegistrationResult:
             out["stages"] = self.stages
         if self.warnings:
             out["warnings"] = list(self.warnings)
+        if self.checks:
+            out["checks"] = dict(self.checks)
         return out
+
+
+def checks_flagged(checks: Optional[dict]) -> bool:
+    """Whether :attr:`RegistrationResult.checks` (one paradigm's, or a pipeline's keyed by stage)
+    holds a flagged stage check."""
+    if not isinstance(checks, dict):
+        return False
+    sc = checks.get("stage_check")
+    if isinstance(sc, dict) and sc.get("flagged"):
+        return True
+    return any(checks_flagged(v) for k, v in checks.items() if k not in ("stage_check", "input_check"))
 
 
 def params_to_dict(params) -> dict:

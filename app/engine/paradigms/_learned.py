@@ -55,7 +55,8 @@ def run_pair(ckpt: dict, fixed: Volume, moving: Volume, device, deformable: bool
     """Preprocess a pair and run the network on its working grid.
 
     Returns {"affine": (4, 4) physical fixed -> moving, "disp_mm": (1, 3, D, H, W) xyz mm on the
-    working grid or None, "grid": working grid of the fixed image, "timings": {...}}.
+    working grid or None, "grid": working grid of the fixed image, "init": (4, 4) the centre-of-mass
+    prealignment the affine net started from, "timings": {...}}.
     """
     import torch
     from .. import datasets as D
@@ -77,7 +78,7 @@ def run_pair(ckpt: dict, fixed: Volume, moving: Volume, device, deformable: bool
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
-    return {"affine": out.affine[0].cpu().numpy(), "disp_mm": disp_mm, "grid": fixed_w,
+    return {"affine": out.affine[0].cpu().numpy(), "disp_mm": disp_mm, "grid": fixed_w, "init": np.asarray(init, float).reshape(4, 4),
             "timings": {"preprocess": t1 - t0, "network": t2 - t1}}
 
 
@@ -115,6 +116,7 @@ def register_two_stage(key: str, fixed: Volume, moving: Volume, params, *, check
     from ..nn import geometry as G
     from ..nn import resolve_device
     from ..spatial import field_to_transform, resample, transform_to_field
+    from ..stagecheck import guard_learned
     from .. import checkpoints
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -152,6 +154,14 @@ def register_two_stage(key: str, fixed: Volume, moving: Volume, params, *, check
     if start is not None:
         transform = start.then(transform)
         field = transform_to_field(transform, fixed)
+    # never silently worse than the input: every stage measured on the fixed grid, the better kept
+    s0 = start or Transform.identity()
+    stages = [("start", s0), ("prealigned", s0.then(affine_to_transform(res["init"]))), ("affine", s0.then(t_aff))]
+    stages += [("deformable", transform)] if res["disp_mm"] is not None else []
+    kept, checks, warnings = guard_learned(fixed, moving, stages, ckpt, checkpoints.checkpoint_id(ckpt).split("@")[0])
+    if kept != stages[-1][0]:
+        transform = dict(stages)[kept]
+        field = None if transform.kind == "identity" else transform_to_field(transform, fixed)
     t1 = time.perf_counter()
     check_cancel(cancel)
     if progress:
@@ -161,12 +171,14 @@ def register_two_stage(key: str, fixed: Volume, moving: Volume, params, *, check
     t2 = time.perf_counter()
     timings = {**{k: round(v, 4) for k, v in res["timings"].items()}, "compose": round(t1 - t0, 4),
                "resample": round(t2 - t1, 4), "total": round(t2 - t_start, 4)}
+    timings["checks"] = checks["seconds"]
     if progress:
-        progress(Progress("done", message=f"{timings['total']:.2f} s on {dev.type}", fraction=1.0))
+        msg = f"{timings['total']:.2f} s on {dev.type}" + (f"; WARNING: {warnings[-1]}" if warnings else "")
+        progress(Progress("done", message=msg, fraction=1.0))
     return RegistrationResult(transform=transform, warped=warped, field=field,
                               history=[], timings=timings, device=str(dev), paradigm=key,
                               params=params_to_dict(params), checkpoint_id=checkpoints.checkpoint_id(ckpt),
-                              warped_labels=warped_labels)
+                              warped_labels=warped_labels, warnings=warnings, checks=checks)
 
 
 def affine_prealign(fixed: Volume, moving: Volume, checkpoint=None, device: str = "auto",
