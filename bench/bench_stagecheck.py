@@ -9,6 +9,12 @@ order of a 1 mm error. Also the cost of the whole check (wall and CPU seconds).
 
     OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 nice -n 10 \\
         .venv/bin/python bench/bench_stagecheck.py --out bench/results/stagecheck_ixi.json
+
+``--nmi``: the multimodal metric's scale instead: normalised MI of aligned multimodal pairs
+(``/work/shared/data/multimodal``: T1 with T2 / FLAIR of the same subject, aligned voxel for voxel,
+so identity is the answer) and what a 1 mm / 2 mm shift costs it::
+
+    .venv/bin/python bench/bench_stagecheck.py --nmi --out bench/results/stagecheck_nmi.json
 """
 from __future__ import annotations
 
@@ -38,13 +44,39 @@ def shifted(t: Transform, mm: float, axis: int) -> Transform:
     return Transform(sitk.TranslationTransform(3, off), "rigid").then(t)
 
 
+def nmi_scale(out_path: str) -> int:
+    data = Path("/work/shared/data/multimodal")
+    cases = [(data / s / "T1.nii.gz", data / s / m) for s in ("ms_cross_sectional_patient07", "ms_cross_sectional_patient19")
+             for m in ("T2.nii.gz", "FLAIR.nii.gz")]
+    cases += [(data / "brats_tcga_du_7294" / "t1.nii.gz", data / "brats_tcga_du_7294" / m) for m in ("t2.nii.gz", "flair.nii.gz")]
+    out = []
+    for f, m in cases:
+        fixed, moving = io.read_volume(f), io.read_volume(m)
+        rec = {"fixed": str(f), "moving": str(m)}
+        for mm in (1.0, 2.0):
+            cand = [("aligned", None)] + [(f"shift{ax}", shifted(Transform.identity(), mm, ax)) for ax in range(3)]
+            c = stagecheck.check_stages(fixed, moving, cand, multimodal=True)
+            rec["nmi_aligned"] = c.values["aligned"]
+            rec[f"cost_{mm:g}mm"] = float(np.mean([c.values["aligned"] - c.values[f"shift{ax}"] for ax in range(3)]))
+        out.append(rec)
+        print(json.dumps(rec), flush=True)
+    Path(out_path).write_text(json.dumps(out, indent=1))
+    for mm in ("1mm", "2mm"):
+        c = [r[f"cost_{mm}"] for r in out]
+        print(f"a {mm} shift of an aligned multimodal pair costs NMI {np.median(c):.4f} (min {min(c):.4f}, max {max(c):.4f})")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--nmi", action="store_true", help="measure the multimodal metric's scale instead")
     ap.add_argument("--pairs", default=str(ROOT / "resources/splits/ixi_test20.csv"))
     ap.add_argument("--paradigms", default="weakly,unsupervised")
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "bench/results/stagecheck_ixi.json"))
     a = ap.parse_args()
+    if a.nmi:
+        return nmi_scale(a.out)
     base = Path(a.pairs).parent
     rows = list(csv.DictReader(open(a.pairs)))[: a.limit]
     seen = {}

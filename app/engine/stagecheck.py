@@ -19,8 +19,10 @@ better by more than the margin; a stage whose similarity is below the best of th
 it by more than the margin "made the pair worse than its input" and is named in the warnings.
 
 Margins (``MARGINS``) were measured, not guessed (``bench/bench_stagecheck.py``,
-``bench/results/stagecheck.md``): on the 20 IXI test pairs, where the bundled models help, every
-stage's gain is far above them; a 1 mm shift of a good result costs about as much as the margin.
+``bench/results/stagecheck.md``): on the 20 IXI test pairs, where the bundled models help, the
+affine and deformable stages gain at least 0.07 and 0.17 local NCC (no false alarm in 40 runs);
+a 1 mm shift of a good result costs 0.005-0.018 local NCC (median 0.010), and 0.010-0.034 NMI
+(median 0.025) on aligned multimodal pairs: a margin of 0.01 is "worse by about a 1 mm error".
 
 Numpy / SimpleITK only (no torch, no Qt).
 """
@@ -39,7 +41,7 @@ TARGET_MM = 4.0          # spacing of the binned fixed grid the check runs on (t
 LNCC_WINDOW = 3          # voxels of that grid per axis (about 12 mm)
 MI_BINS = 32
 # similarity drop that counts as worse (measured: see the module docstring)
-MARGINS = {"lncc": 0.01, "nmi": 0.005}
+MARGINS = {"lncc": 0.01, "nmi": 0.01}
 
 
 @dataclass

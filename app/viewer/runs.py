@@ -77,6 +77,44 @@ def describe_run(paradigm: str, params: Optional[dict] = None) -> str:
     return f"{paradigm} ({opts})" if opts else paradigm
 
 
+def _stage_checks(checks: dict) -> list[tuple[str, dict]]:
+    """(prefix, stage check) pairs of a run's ``checks`` (one paradigm's, or a pipeline's by stage)."""
+    if not isinstance(checks, dict):
+        return []
+    if isinstance(checks.get("stage_check"), dict):
+        return [("", checks["stage_check"])]
+    return [(f"stage {k}: ", v["stage_check"]) for k, v in checks.items()
+            if isinstance(v, dict) and isinstance(v.get("stage_check"), dict)]
+
+
+def run_verdict(metrics: Optional[dict]) -> tuple[str, str, list[str]]:
+    """How a finished run should be presented: ``(level, headline, warnings)``.
+
+    level : 'ok' (no warning), 'warning' (the result comes with warnings) or 'flagged' (a stage
+        check found a learned stage that made the pair less similar than its input, and an
+        earlier stage's transform was kept: never shown as a plain success).
+    headline : one line ('' for 'ok').
+    warnings : the run's warnings (``metrics["warnings"]``).
+    """
+    m = metrics or {}
+    warnings = [str(w) for w in (m.get("warnings") or [])]
+    flagged = [(p, sc) for p, sc in _stage_checks(m.get("checks") or {}) if sc.get("flagged")]
+    if flagged or m.get("flagged"):
+        if flagged:
+            p, sc = flagged[0]
+            vals = sc.get("values") or {}
+            last = sc.get("last") or (list(vals)[-1] if vals else "last")
+            head = (f"{p}Worse than its input: the {last} result made the images less similar "
+                    f"({sc.get('metric', '')} {vals.get(last, float('nan')):.3f} vs "
+                    f"{max(vals.values()) if vals else float('nan'):.3f}); kept the {sc.get('kept')} stage instead")
+        else:
+            head = "Worse than its input: an earlier stage was kept"
+        return "flagged", head, warnings
+    if warnings:
+        return "warning", f"{len(warnings)} warning{'s' if len(warnings) > 1 else ''}: check this result", warnings
+    return "ok", "", warnings
+
+
 @dataclass
 class Run:
     """One registration: ``result`` (RegistrationResult, None when it could not be restored),

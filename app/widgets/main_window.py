@@ -34,6 +34,7 @@ from app.engine.types import Volume
 
 from . import session as session_io
 from .overlay_panel import MODES, OverlayPanel
+from app.viewer.runs import run_verdict
 from app.viewer.slice_geometry import nearest_voxel
 from .slice_view import SliceView
 from .view3d import View3D
@@ -633,7 +634,12 @@ class MainWindow(QMainWindow):
         self.add_run(result, metrics or {})
         if self._metrics_dock is not None:
             self._metrics_dock.raise_()
-        self.statusBar().showMessage("Registration finished", 5000)
+        level, head, warnings = run_verdict(metrics or {})
+        if level == "ok":
+            self.statusBar().showMessage("Registration finished", 5000)
+        else:       # stays until the next message: a flagged result is not a plain success
+            self.statusBar().showMessage(f"Registration finished: {head}"
+                                         + (f" · {warnings[0]}" if level == "warning" and warnings else ""))
 
     def add_run(self, result, metrics: dict, name: str | None = None) -> None:
         """Record a finished run, show it as the warped layer and list it in the metrics panel."""

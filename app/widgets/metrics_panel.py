@@ -15,8 +15,8 @@ from typing import Optional
 import numpy as np
 from PySide6.QtCore import Qt, Signal, Slot
 
-from app.viewer.runs import RunHistory, json_safe  # noqa: F401 - json_safe re-exported
-from PySide6.QtGui import QGuiApplication
+from app.viewer.runs import RunHistory, json_safe, run_verdict  # noqa: F401 - json_safe re-exported
+from PySide6.QtGui import QBrush, QColor, QGuiApplication
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
@@ -52,6 +52,11 @@ SUMMARY_ROWS: list[tuple[str, str, float, str]] = [
 _INFO_ROWS = [("Runtime (s)", "runtime_s"), ("Device", "device"), ("Paradigm", "paradigm"),
               ("Checkpoint", "checkpoint")]
 _DASH = "–"
+# how a run's self-check verdict (app.viewer.runs.run_verdict) looks: flagged runs are never plain
+CHECK_STYLES = {"flagged": "background: #fde2e1; color: #8b0000; border: 1px solid #d9534f; padding: 4px;",
+                "warning": "background: #fff4d6; color: #6b4500; border: 1px solid #e0a800; padding: 4px;"}
+CHECK_COLOURS = {"flagged": "#b00020", "warning": "#8a5a00"}
+CHECK_MARK = "⚠ "
 
 
 def _num(v) -> Optional[float]:
@@ -181,6 +186,11 @@ class MetricsPanel(QWidget):
         self.error_link.setTextInteractionFlags(Qt.LinksAccessibleByMouse | Qt.LinksAccessibleByKeyboard)
         self.error_link.linkActivated.connect(lambda _=None: self.goto_worst_error())
         self.error_link.hide()
+        # the current run's self-checks (stage check, inputs unlike the training data): visible, not a tooltip
+        self.check_label = QLabel("")
+        self.check_label.setWordWrap(True)
+        self.check_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.check_label.hide()
 
         hist = QWidget()
         hl = QVBoxLayout(hist)
@@ -194,7 +204,12 @@ class MetricsPanel(QWidget):
         hl.addWidget(self.history)
         split = QSplitter(Qt.Vertical)
         split.addWidget(hist)
-        split.addWidget(self.tabs)
+        results = QWidget()
+        rl = QVBoxLayout(results)
+        rl.setContentsMargins(0, 0, 0, 0)
+        rl.addWidget(self.check_label)
+        rl.addWidget(self.tabs, 1)
+        split.addWidget(results)
         split.setStretchFactor(0, 1)
         split.setStretchFactor(1, 4)
         split.setChildrenCollapsible(False)
@@ -293,10 +308,15 @@ class MetricsPanel(QWidget):
         t = _num(m.get("tre_mean_mm"))
         if t is not None:
             text += f"  ·  TRE {t:.2f} mm"
+        level, head, _ = run_verdict(m)
+        if level != "ok":
+            text = CHECK_MARK + text + ("  ·  FLAGGED" if level == "flagged" else "  ·  warnings")
         it = QListWidgetItem(text)
+        if level != "ok":
+            it.setForeground(QBrush(QColor(CHECK_COLOURS[level])))
         stages = " → ".join(str(s.get("paradigm")) for s in run.stages) if hasattr(run, "stages") else ""
         it.setToolTip(f"{run['name']} ({stages or m.get('paradigm') or '?'}) at {run['time']} "
-                      f"on {m.get('device') or '?'}")
+                      f"on {m.get('device') or '?'}" + (f"\n{head}" if head else ""))
         self.history.addItem(it)
 
     def runs(self) -> list[dict]:
@@ -403,10 +423,23 @@ class MetricsPanel(QWidget):
         self.error_link.setText(text)
         self.error_link.show()
 
+    def _show_checks(self, run) -> None:
+        level, head, warnings = run_verdict(None if run is None else run["metrics"])
+        if level == "ok":
+            self.check_label.hide()
+            self.check_label.setText("")
+            return
+        lines = [CHECK_MARK + head] + [f"• {w}" for w in warnings if w not in head]
+        self.check_label.setText("\n".join(lines))
+        self.check_label.setStyleSheet(CHECK_STYLES[level])
+        self.check_label.setProperty("level", level)
+        self.check_label.show()
+
     def _show_run(self, run: Optional[dict]) -> None:
         self._fill_summary(run)
         self._fill_labels(run)
         self._show_error_link(run)
+        self._show_checks(run)
         if run is None:
             self.info_label.setText("No runs yet" if not self._runs else "")
         else:

@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
 
 from app import workers
 from app.engine import cards, paradigms
+from app.viewer.runs import run_verdict
 
 from .params_form import ParamsForm
 
@@ -738,10 +739,15 @@ class RegistrationPanel(QWidget):
         self.progress_bar.setValue(1000)
         dev = (metrics or {}).get("device") or getattr(result, "device", "?")
         rt = (metrics or {}).get("runtime_s")
-        self.stage_label.setText("Finished")
+        level, head, warnings = run_verdict(metrics if metrics else {"warnings": getattr(result, "warnings", [])})
+        self.stage_label.setText({"ok": "Finished", "warning": "Finished with warnings",
+                                  "flagged": "Finished: FLAGGED (worse than its input)"}[level])
         self.elapsed_label.setText(f"{secs:.1f} s")
         reg = f"registration {rt:.1f} s + metrics, " if isinstance(rt, (int, float)) else ""
-        self._show_status(f"{reg[:1].upper() + reg[1:]}total {secs:.1f} s, on {dev}")
+        text = f"{reg[:1].upper() + reg[1:]}total {secs:.1f} s, on {dev}"
+        if level != "ok":
+            text = f"{head}\n{text}"
+        self._show_status(text, warning=level != "ok")
         self.run_finished.emit(result, metrics)
 
     @Slot(str)
@@ -841,8 +847,8 @@ class RegistrationPanel(QWidget):
         self.loss_plot.setTitle(" · ".join(spans), size="9pt")
 
     # ================================================================ state
-    def _show_status(self, text: str, error: bool = False) -> None:
-        self.status_label.setStyleSheet(_ERROR_STYLE if error else "")
+    def _show_status(self, text: str, error: bool = False, warning: bool = False) -> None:
+        self.status_label.setStyleSheet(_ERROR_STYLE if error or warning else "")
         self.status_label.setText(text)
         self.status_label.setVisible(bool(text))
 
