@@ -58,12 +58,16 @@ def nmi_scale(out_path: str) -> int:
             c = stagecheck.check_stages(fixed, moving, cand, multimodal=True)
             rec["nmi_aligned"] = c.values["aligned"]
             rec[f"cost_{mm:g}mm"] = float(np.mean([c.values["aligned"] - c.values[f"shift{ax}"] for ax in range(3)]))
+            rec[f"overlap_cost_{mm:g}mm"] = float(np.mean([c.overlap["aligned"] - c.overlap[f"shift{ax}"]
+                                                          for ax in range(3)]))
         out.append(rec)
         print(json.dumps(rec), flush=True)
     Path(out_path).write_text(json.dumps(out, indent=1))
     for mm in ("1mm", "2mm"):
         c = [r[f"cost_{mm}"] for r in out]
-        print(f"a {mm} shift of an aligned multimodal pair costs NMI {np.median(c):.4f} (min {min(c):.4f}, max {max(c):.4f})")
+        o = [r[f"overlap_cost_{mm}"] for r in out]
+        print(f"a {mm} shift of an aligned multimodal pair costs NMI {np.median(c):.4f} (min {min(c):.4f}, max {max(c):.4f}), "
+              f"brain overlap {np.median(o):.4f} (min {min(o):.4f}, max {max(o):.4f})")
     return 0
 
 
@@ -108,7 +112,10 @@ def main() -> int:
                 cand = [("final", final)] + [(f"shift{ax}", shifted(final, mm, ax)) for ax in range(3)]
                 c = stagecheck.check_stages(fixed, moving, cand, multimodal=False)
                 shifts[f"{mm:g}mm"] = float(np.mean([c.values["final"] - c.values[f"shift{ax}"] for ax in range(3)]))
-            rec = {"pair": i, "paradigm": key, "values": sc["values"], "kept": sc["kept"], "worse": sc["worse"],
+                shifts[f"overlap_{mm:g}mm"] = float(np.mean([c.overlap["final"] - c.overlap[f"shift{ax}"]
+                                                             for ax in range(3)]))
+            rec = {"pair": i, "paradigm": key, "values": sc["values"], "overlap": sc["overlap"], "kept": sc["kept"],
+                   "worse": sc["worse"],
                    "dice": dice, "shift_cost": shifts, "warnings": res.warnings,
                    "check_wall_s": seen["wall"], "check_cpu_s": seen["cpu"]}
             out.append(rec)
@@ -121,12 +128,16 @@ def main() -> int:
         print(f"\n{key}: {len(rs)} pairs; kept {sorted({r['kept'] for r in rs})}; warnings in {sum(bool(r['warnings']) for r in rs)}")
         for j in range(1, len(names)):
             dv = [r["values"][names[j]] - max(r["values"][n] for n in names[:j]) for r in rs]
+            do = [r["overlap"][names[j]] - max(r["overlap"][n] for n in names[:j]) for r in rs]
             dd = [r["dice"][names[j]] - r["dice"][names[j - 1]] for r in rs]
             print(f"  {names[j]:>11s} vs best before: d-sim min {min(dv):+.4f} median {np.median(dv):+.4f}; "
+                  f"d-overlap min {min(do):+.4f} median {np.median(do):+.4f}; "
                   f"d-Dice vs previous min {min(dd):+.4f} median {np.median(dd):+.4f}")
         for mm in ("1mm", "2mm"):
             c = [r["shift_cost"][mm] for r in rs]
-            print(f"  a {mm} shift of the result costs {np.median(c):.4f} (min {min(c):.4f}, max {max(c):.4f})")
+            o = [r["shift_cost"][f"overlap_{mm}"] for r in rs]
+            print(f"  a {mm} shift of the result costs {np.median(c):.4f} (min {min(c):.4f}, max {max(c):.4f}) similarity, "
+                  f"{np.median(o):.4f} (min {min(o):.4f}, max {max(o):.4f}) overlap")
         w = [r["check_wall_s"] for r in rs]
         cpu = [r["check_cpu_s"] for r in rs]
         print(f"  check: wall median {np.median(w):.3f} s (max {max(w):.3f}), CPU median {np.median(cpu):.3f} s")

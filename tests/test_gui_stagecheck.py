@@ -94,9 +94,12 @@ def test_a_flagged_run_is_not_shown_as_a_plain_success(qtbot, tmp_path, flagged)
     # the status bar: not "Registration finished" alone, and it stays
     msg = w.statusBar().currentMessage()
     assert msg.startswith("Registration finished: ") and "Worse than its input" in msg
-    # a plain run afterwards hides the banner
+    # ...with a lasting marker beside the cursor readout while the run is on screen
+    assert w.run_check_label.isVisible() and w.run_check_label.property("level") == "flagged"
+    assert "FLAGGED" in w.run_check_label.text() and "skull-stripped" in w.run_check_label.toolTip()
+    # a plain run afterwards hides the banner and the marker; selecting the flagged run shows them again
     mp.add_run("plain", None, {"dice_mean": 0.5})
-    assert not mp.check_label.isVisible()
+    assert not mp.check_label.isVisible() and not w.run_check_label.isVisible()
     mp.select_run(0)
-    assert mp.check_label.isVisible()
+    assert mp.check_label.isVisible() and w.run_check_label.isVisible()
     w.close()

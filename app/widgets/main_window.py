@@ -160,6 +160,10 @@ class MainWindow(QMainWindow):
         self.cursor_label = QLabel("no image loaded")
         self.cursor_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.statusBar().addPermanentWidget(self.cursor_label, 1)
+        # the run on screen's self-check verdict, kept in view while it is on screen (not a 5 s message)
+        self.run_check_label = QLabel("")
+        self.run_check_label.hide()
+        self.statusBar().insertPermanentWidget(0, self.run_check_label)
 
         self._flicker = QTimer(self)
         self._flicker.timeout.connect(lambda: self.state.set_flicker_phase(1 - self.state.flicker_phase))
@@ -667,6 +671,22 @@ class MainWindow(QMainWindow):
         if self.landmark_panel is not None:
             self.landmark_panel.set_transform(None if run is None or run.result is None else run.result.transform)
         self._update_titles()
+        self._update_run_check(run)
+
+    def _update_run_check(self, run) -> None:
+        """Show the run on screen's verdict (:func:`app.viewer.runs.run_verdict`) in the status bar."""
+        level, head, warnings = run_verdict(None if run is None else run.metrics)
+        lab = self.run_check_label
+        if level == "ok":
+            lab.hide()
+            lab.setText("")
+            return
+        short = "⚠ FLAGGED: worse than its input" if level == "flagged" else f"⚠ {len(warnings)} warning(s)"
+        lab.setText(f"{short} ({run.name})")
+        lab.setToolTip("\n".join([head] + warnings))
+        lab.setStyleSheet("color: #b00020; font-weight: bold;" if level == "flagged" else "color: #8a5a00;")
+        lab.setProperty("level", level)
+        lab.show()
 
     def _update_titles(self) -> None:
         """The run on screen named in the view titles."""
