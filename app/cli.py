@@ -69,6 +69,15 @@ def _add_error_map(p: argparse.ArgumentParser) -> None:
                         "warping, seconds; tta: spread over perturbed restarts)")
 
 
+def _add_guide_method(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guide-method", choices=("rbf", "optimise"), default="rbf",
+                   help="how guide pairs correct the result (register: --guide-*-landmarks; evaluate / --pairs: "
+                        "the CSV's guide_fixed_landmarks,guide_moving_landmarks columns): rbf (a Gaussian-RBF "
+                        "field on top, seconds; default) or optimise (image-aware: local NCC + smoothness + the "
+                        "guides as a landmark term from the result, then an RBF snap of the residual; tens of "
+                        "seconds on a CPU)")
+
+
 BATCH_FAILED = 3  # exit status: the batch ran, some pairs failed (rows with an error message)
 
 
@@ -100,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guide points (fixed) the result must honour: a smooth local correction moves each onto "
                         "its partner in --guide-moving-landmarks (kept apart from the evaluation landmarks)")
     r.add_argument("--guide-moving-landmarks", metavar="M", help="guide points (moving), matched to F by order")
+    _add_guide_method(r)
     _add_error_map(r)
     _add_batch(r)
 
@@ -107,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pairs", required=True, help="CSV: fixed,moving,fixed_labels,moving_labels,fixed_landmarks,moving_landmarks")
     _add_common(e)
     _add_error_map(e)
+    _add_guide_method(e)
     _add_batch(e)
 
     t = sub.add_parser("train", help="train a learned paradigm")
@@ -158,7 +169,7 @@ def _cmd_register(a) -> int:
                                          fixed_points=fp, moving_points=mp, checkpoint=a.checkpoint,
                                          device=a.device, progress=bar, cancel=_cancel_event(),
                                          error_map=a.error_map, guide_fixed_points=gf, guide_moving_points=gm,
-                                         metric_style=a.metrics)
+                                         guide_method=a.guide_method, metric_style=a.metrics)
     finally:
         bar.close()
     write_registration(a.out, result, m)
@@ -231,6 +242,8 @@ def _run_batch(a, mode: str) -> int:
     measure = {"metric_style": a.metrics}
     if getattr(a, "error_map", None):  # register --pairs --error-map: one error map per pair
         measure["error_map"] = a.error_map
+    if a.guide_method != "rbf":   # the default is left out so that earlier runs still --resume
+        measure["guide_method"] = a.guide_method
     try:
         rows, summary = run_batch(pairs, a.paradigm, parse_param_args(a.param), checkpoint=a.checkpoint,
                                   device=a.device, out_dir=a.out, mode=mode, workers=a.workers,

@@ -131,6 +131,48 @@ def test_guided_correction_moves_guides_onto_partners_and_leaves_far_points():
         G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts[:2]))
 
 
+def test_image_aware_correction_honours_guides_on_an_oblique_grid_and_keeps_far_points():
+    grid = _grid((30, 34, 38))
+    t = Transform.identity()                    # moving = fixed: the image term holds the field at identity
+    fpts = grid.index_to_physical(np.array([[12, 14, 10], [24, 20, 14]], float))
+    mpts = fpts + np.array([[2.5, -1.5, 1.0], [-2.0, 2.0, 0.5]])
+    quick = {"levels": (4, 2), "iterations": (15,)}        # level 4 is too coarse for this grid: dropped
+    reports = []
+    corrected, field, info = G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts), sigma_mm=6.0,
+                                                 method="optimise", moving=grid, options=dict(quick, taper_mm=8.0),
+                                                 progress=reports.append, device="cpu")
+    assert info["method"] == "optimise" and info["optimise"]["taper_mm"] == 8.0
+    assert info["optimise"]["levels_used"] == [2] and info["optimise"]["iterations_used"] == [15]
+    assert info["guide_tre_before_mm"] > 2.0 and info["guide_tre_after_mm"] < 0.5
+    assert np.linalg.norm(corrected.transform_points(fpts) - mpts, axis=1).max() < 1.0
+    assert reports and all(p.stage == "guidance" for p in reports)
+    corners = grid.index_to_physical(np.array([[x, y, z] for x in (1, 36) for y in (1, 32) for z in (1, 28)], float))
+    far = corners[np.linalg.norm(corners[:, None] - fpts[None], axis=-1).min(1) > 25.0]
+    assert len(far) >= 2
+    # 25 mm = 3 taper widths away the refinement has faded out: those points stay put
+    np.testing.assert_allclose(corrected.transform_points(far), far, atol=0.05)
+    assert field.shape == grid.shape and info["fold_fraction"] == 0.0
+    # without the taper the refinement reaches further, but the image term (moving = fixed) holds it
+    untapered, _, info2 = G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts), method="optimise",
+                                              moving=grid, options=dict(quick, taper_mm=None), device="cpu")
+    assert info2["guide_tre_after_mm"] < 0.5
+    assert np.linalg.norm(untapered.transform_points(far) - far, axis=1).max() < 0.5 * info2["guide_tre_before_mm"]
+    with pytest.raises(ValueError, match="moving image"):
+        G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts), method="optimise")
+    with pytest.raises(ValueError, match="rbf, optimise"):
+        G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts), method="tps")
+    with pytest.raises(ValueError, match="unknown guide optimise option"):
+        G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts), method="optimise", moving=grid,
+                            options={"lr": 1.0})
+    import threading
+    from app.engine.types import Cancelled
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts), method="optimise", moving=grid,
+                            options=quick, cancel=stop)
+
+
 def test_cli_register_writes_an_error_map_and_honours_guides(tmp_path):
     import json
     import subprocess
@@ -188,3 +230,44 @@ def test_the_worst_region_is_the_largest_piece_not_the_centroid_of_scattered_vox
     pts = E._largest_piece(mask)
     assert len(pts) == 27 and np.allclose(pts.mean(0), (2, 2, 11))
     assert len(E._largest_piece(np.zeros((3, 3, 3), bool))) == 0
+
+
+def test_cli_guide_method_optimise_and_guide_columns_in_a_pairs_csv(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from tests.test_cli import blob_pair
+    root = Path(__file__).resolve().parents[1]
+    files = blob_pair(tmp_path)
+    fixed = sitk.ReadImage(str(files["fixed"]))
+    gf = [fixed.TransformContinuousIndexToPhysicalPoint((16.0, 14.0, 12.0)),
+          fixed.TransformContinuousIndexToPhysicalPoint((10.0, 10.0, 10.0))]
+    gm = [(p[0] + 3.0 + 2.0, p[1], p[2]) for p in gf]           # the 3 mm shift, and 2 mm more to honour
+    for name, pts in (("gf.csv", gf), ("gm.csv", gm)):
+        (tmp_path / name).write_text("x,y,z\n" + "".join(f"{p[0]},{p[1]},{p[2]}\n" for p in pts))
+    fast = ["--paradigm", "iterative", "--param", "stages=rigid", "--param", "metric=mse", "--no-progress"]
+    # register: the image-aware method
+    out = tmp_path / "reg"
+    r = subprocess.run([sys.executable, "main.py", "register", files["fixed"], files["moving"], *fast,
+                        "--guide-fixed-landmarks", tmp_path / "gf.csv", "--guide-moving-landmarks", tmp_path / "gm.csv",
+                        "--guide-method", "optimise", "--out", out], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    g = json.loads((out / "metrics.json").read_text())["guidance"]
+    assert g["method"] == "optimise" and g["guide_tre_after_mm"] < 1.0 < g["guide_tre_before_mm"]
+    t = sitk.ReadTransform(str(out / "transform.h5"))
+    np.testing.assert_allclose(t.TransformPoint(gf[1]), gm[1], atol=1.0)
+    # evaluate: guide pairs per row of the CSV (relative paths, resolved against the CSV's folder)
+    (tmp_path / "pairs.csv").write_text("fixed,moving,guide_fixed_landmarks,guide_moving_landmarks\n"
+                                        f"{files['fixed']},{files['moving']},gf.csv,gm.csv\n")
+    ev = tmp_path / "ev"
+    r = subprocess.run([sys.executable, "main.py", "evaluate", "--pairs", tmp_path / "pairs.csv", *fast, "--out", ev],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    full = json.loads((ev / "results.json").read_text())
+    g = full[0]["guidance"]
+    assert g["method"] == "rbf" and g["guide_tre_after_mm"] < 1.0 < g["guide_tre_before_mm"]
+    r = subprocess.run([sys.executable, "main.py", "register", files["fixed"], files["moving"], *fast,
+                        "--guide-method", "tps", "--out", out], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--guide-method" in r.stderr

@@ -299,6 +299,47 @@ def test_correct_adds_a_run_that_maps_the_guides_onto_their_partners(qtbot, tmp_
         w.close()
 
 
+def test_image_aware_correction_runs_on_the_engine_thread_with_progress_and_can_be_cancelled(qtbot, tmp_path):
+    files = _write(tmp_path, oblique=True)                 # an oblique, anisotropic grid
+    w = _window(qtbot, tmp_path, files)
+    try:
+        tp, ws = w.trust_panel, w.workspace
+        res = _run(w, dx=1.0)
+        f = np.array([[0.0, 0.0, 0.0], [4.0, 3.0, -2.0]])
+        m = res.transform.transform_points(f) + np.array([[1.5, 0.0, 0.0], [1.2, 0.3, 0.0]])
+        for a, b in zip(f, m):
+            tp.guide_panel.add_point("fixed", a)
+            tp.guide_panel.add_point("moving", b)
+        tp.guide_method_combo.setCurrentIndex(tp.guide_method_combo.findData("optimise"))   # the user's choice
+        values = []
+        qtbot.mouseClick(tp.correct_button, qtbot_button())
+        job = tp.correct_job
+        assert job is not None and tp.progress_bar.maximum() == 1000 and tp.cancel_button.isEnabled()
+        assert not tp.guide_method_combo.isEnabled()
+        tp.progress_bar.valueChanged.connect(values.append)
+        _wait(w, job)
+        assert job.state == "done", job.error
+        assert job.thread_ident != threading.get_ident()
+        assert values and max(values) > 0                                   # the optimiser reported progress
+        new = w.runs[1]
+        g = new.metrics["guidance"]
+        assert g["method"] == "optimise" and g["guide_tre_after_mm"] < 1.0 < g["guide_tre_before_mm"]
+        assert np.linalg.norm(new.result.transform.transform_points(f) - m, axis=1).max() < 1.0
+        assert "image-aware" in tp.correct_label.text()
+        # cancelled: no new run, the panel says so
+        w.select_run(0)
+        assert tp.correct("optimise")
+        job = tp.correct_job
+        qtbot.mouseClick(tp.cancel_button, qtbot_button())
+        _wait(w, job)
+        assert job.state == "cancelled" and len(w.runs) == 2
+        assert "cancelled" in tp.correct_label.text() and tp.correct_button.isEnabled()
+        with pytest.raises(ValueError, match="guide method"):
+            tp.correct("tps")
+    finally:
+        w.close()
+
+
 def test_guides_survive_a_session_and_are_autosaved(win, tmp_path):
     import json
     w = win

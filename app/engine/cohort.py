@@ -312,7 +312,9 @@ def run_pair(job: PairJob, progress: Optional[ProgressFn] = None,
                                          checkpoint=job.checkpoint, device=job.device, progress=progress,
                                          cancel=cancel, fixed_labels=data["fixed_labels"],
                                          moving_labels=data["moving_labels"], fixed_points=data["fixed_points"],
-                                         moving_points=data["moving_points"], **job.measure_options)
+                                         moving_points=data["moving_points"],
+                                         guide_fixed_points=data.get("guide_fixed_points"),
+                                         guide_moving_points=data.get("guide_moving_points"), **job.measure_options)
         row = {"id": job.pair_id, **_flat_row(str(job.pair["fixed"]), str(job.pair["moving"]), m), "error": None}
         record = {"index": job.index, "id": job.pair_id, "row": row,
                   "metrics": {"id": job.pair_id, "fixed": str(job.pair["fixed"]), "moving": str(job.pair["moving"]),

@@ -86,7 +86,8 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
                          cancel: Optional[threading.Event] = None,
                          with_hd95: bool = True, error_map: Optional[str] = None,
                          guide_fixed_points: Optional[Landmarks] = None,
-                         guide_moving_points: Optional[Landmarks] = None, metric_style: str = "regstation"
+                         guide_moving_points: Optional[Landmarks] = None, guide_method: str = "rbf",
+                         metric_style: str = "regstation"
                          ) -> tuple[RegistrationResult, dict[str, Any]]:
     """Run paradigm or pipeline ``paradigm_key`` (``"A"`` or ``"A+B"``, :mod:`app.engine.pipeline`) on
     one pair and measure it before and after.
@@ -94,8 +95,8 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
     ``params`` is a Params instance (single paradigm), a dict of overrides (strings are parsed;
     ``B.name`` for a pipeline's stage B), a list of one per stage, or None (defaults).
     ``guide_fixed_points`` / ``guide_moving_points``: landmark pairs the result must honour
-    (:func:`app.engine.guidance.guided_correction` after the registration; kept apart from the
-    evaluation landmarks). ``error_map``: 'dissimilarity', 'consistency' or 'tta' adds the estimated error map
+    (:func:`app.engine.guidance.guided_correction` after the registration, by ``guide_method``
+    'rbf' or 'optimise'; kept apart from the evaluation landmarks). ``error_map``: 'dissimilarity', 'consistency' or 'tta' adds the estimated error map
     (:mod:`app.engine.errormap`) to the result and its summary to the metrics.
     Raises ValueError on bad input, :class:`~app.engine.types.Cancelled` when cancelled.
     """
@@ -116,12 +117,16 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
     if guide_fixed_points is not None or guide_moving_points is not None:
         if guide_fixed_points is None or guide_moving_points is None:
             raise ValueError("guided correction needs both guide landmark files (fixed and moving)")
-        from .guidance import guided_correction
+        from .guidance import GUIDE_METHODS, guided_correction
+        if guide_method not in GUIDE_METHODS:
+            raise ValueError(f"guide method must be one of {', '.join(GUIDE_METHODS)}, got {guide_method!r}")
         if progress:
-            progress(Progress("guidance", message=f"honouring {len(guide_fixed_points)} guide pairs", fraction=1.0))
+            progress(Progress("guidance", message=f"honouring {len(guide_fixed_points)} guide pairs ({guide_method})",
+                              fraction=1.0))
         tg = time.perf_counter()
         t_new, f_new, guided = guided_correction(fixed, result.transform, guide_fixed_points, guide_moving_points,
-                                                 field=result.field)
+                                                 field=result.field, method=guide_method, moving=moving,
+                                                 progress=progress, cancel=cancel, device=device)
         result.transform, result.field = t_new, f_new
         result.warped = resample(moving, fixed, t_new, "linear")
         result.warped_labels = None
@@ -195,6 +200,11 @@ def load_pair(row: dict, *, fixed: Optional[Volume] = None, fixed_labels: Option
     if fp is not None and mp is not None and len(fp) != len(mp):
         raise ValueError(f"landmark files {row['fixed_landmarks']} and {row['moving_landmarks']} "
                          f"hold {len(fp)} and {len(mp)} points; corresponding landmarks need equal counts")
+    gf, gm = row.get("guide_fixed_landmarks"), row.get("guide_moving_landmarks")
+    if gf or gm:   # guide pairs (a guided correction after the registration), only with both files
+        if not (gf and gm):
+            raise ValueError("a row with guide landmarks needs both guide_fixed_landmarks and guide_moving_landmarks")
+        out["guide_fixed_points"], out["guide_moving_points"] = io.read_landmark_pair(gf, gm)
     return out
 
 

@@ -72,11 +72,12 @@ def correction_name(run_name: str, n_guides: int) -> str:
 
 
 def correct_run(fixed: Volume, moving: Volume, result: RegistrationResult, guide_fixed: Landmarks,
-                guide_moving: Landmarks, *, sigma_mm: float = 20.0, fixed_labels: Optional[LabelMap] = None,
+                guide_moving: Landmarks, *, sigma_mm: float = 20.0, method: str = "rbf",
+                fixed_labels: Optional[LabelMap] = None,
                 moving_labels: Optional[LabelMap] = None, fixed_points: Optional[Landmarks] = None,
                 moving_points: Optional[Landmarks] = None, base_metrics: Optional[dict] = None,
-                base_name: str = "", progress=None, cancel: Optional[threading.Event] = None
-                ) -> tuple[RegistrationResult, dict]:
+                base_name: str = "", progress=None, cancel: Optional[threading.Event] = None,
+                device: str = "auto") -> tuple[RegistrationResult, dict]:
     """Engine thread: ``result`` corrected to map every fixed guide onto its moving partner, as a
     new result with its own metrics.
 
@@ -86,12 +87,17 @@ def correct_run(fixed: Volume, moving: Volume, result: RegistrationResult, guide
         The pair ``result`` registered.
     result : RegistrationResult
         Its transform maps fixed points to moving points; the correction is composed on top of it
-        (Gaussian RBF, :func:`app.engine.guidance.guided_correction`).
+        (:func:`app.engine.guidance.guided_correction`).
     guide_fixed, guide_moving : Landmarks
         Matched guide pairs, ``(N, 3)`` LPS mm each; apart from the evaluation landmarks
         ``fixed_points`` / ``moving_points``, which only measure the TRE.
     sigma_mm : float
-        Reach of the correction.
+        Reach of the correction (for 'optimise': of the final snap).
+    method : 'rbf' or 'optimise'
+        Gaussian-RBF field only (seconds), or image-aware: the engine's optimiser with the guides as a
+        landmark term, then the RBF snap (:mod:`app.engine.guidance`).
+    progress, cancel, device
+        Progress callback (once per optimiser iteration for 'optimise'), cancel Event, torch device.
     base_metrics : dict, optional
         The uncorrected run's metrics: its paradigm, parameters and 'before' are carried over.
 
@@ -112,10 +118,11 @@ def correct_run(fixed: Volume, moving: Volume, result: RegistrationResult, guide
     check_cancel(cancel)
     if progress is not None:
         from app.engine.types import Progress
-        progress(Progress("guidance", message=f"honouring {len(guide_fixed)} guide pairs"))
+        progress(Progress("guidance", message=f"honouring {len(guide_fixed)} guide pairs ({method})"))
     t0 = time.perf_counter()
     transform, field, info = guided_correction(fixed, result.transform, guide_fixed, guide_moving,
-                                               sigma_mm=sigma_mm, field=result.field)
+                                               sigma_mm=sigma_mm, field=result.field, method=method, moving=moving,
+                                               progress=progress, cancel=cancel, device=device)
     check_cancel(cancel)
     warped = resample(moving, fixed, transform, "linear")
     warped_labels = None if moving_labels is None else resample(moving_labels, fixed, transform, "nearest")
@@ -126,7 +133,8 @@ def correct_run(fixed: Volume, moving: Volume, result: RegistrationResult, guide
                           moving_labels=moving_labels, fixed_points=fixed_points, moving_points=moving_points,
                           warped_labels=warped_labels, metric_style=base.get("metric_style") or "regstation")
     timings = {"guidance": seconds, "total": seconds}
-    new = RegistrationResult(transform=transform, warped=warped, field=field, timings=timings, device="cpu",
+    used = str(info.get("device", "cpu"))
+    new = RegistrationResult(transform=transform, warped=warped, field=field, timings=timings, device=used,
                              paradigm=result.paradigm, params=dict(result.params or {}),
                              checkpoint_id=result.checkpoint_id, warped_labels=warped_labels,
                              stages=list(result.stages or []), warnings=list(result.warnings or []))
@@ -135,7 +143,7 @@ def correct_run(fixed: Volume, moving: Volume, result: RegistrationResult, guide
             m[k] = base[k]
     m["paradigm"] = m.get("paradigm") or result.paradigm
     m["runtime_s"] = seconds
-    m["device"] = "cpu"
+    m["device"] = used
     m["guidance"] = dict(info, guide_names=[str(n) for n in guide_fixed.names])
     m["guide_tre_mm"] = info["guide_tre_after_mm"]
     m["guide_tre_uncorrected_mm"] = info["guide_tre_before_mm"]

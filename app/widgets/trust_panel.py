@@ -43,6 +43,7 @@ from app.viewer.workspace import Workspace
 from .landmark_panel import LandmarkPanel
 
 METHOD_TEXT = {"dissimilarity": "Dissimilarity (fast)", "consistency": "Inverse consistency (re-registers)"}
+GUIDE_METHOD_TEXT = {"rbf": "Smooth bump (RBF, seconds)", "optimise": "Image-aware (optimiser, slower)"}
 
 
 class TrustPanel(QWidget):
@@ -135,6 +136,14 @@ class TrustPanel(QWidget):
         self.sigma_spin.setSuffix(" mm")
         self.sigma_spin.setToolTip("Reach of the correction (Gaussian RBF width); narrowed between close guides "
                                    "and widened where a guide's residual would fold the field")
+        self.guide_method_combo = QComboBox()
+        for m in ("rbf", "optimise"):
+            self.guide_method_combo.addItem(GUIDE_METHOD_TEXT[m], m)
+        self.guide_method_combo.setToolTip(
+            "Smooth bump: a Gaussian-RBF field on top of the run moves each guide onto its partner; the images "
+            "are not looked at (seconds).\nImage-aware: the optimiser refines the run with local NCC, smoothness and "
+            "the guides as a landmark term, then the RBF snaps the rest (tens of seconds on a CPU; it refines the "
+            "whole field). See bench/results/guidance.md for how they compare.")
         self.correct_button = QPushButton("Correct")
         self.correct_button.setToolTip("A new run: the current run's transform refined to map every fixed guide "
                                        "onto its moving partner, the rest of the field kept")
@@ -149,6 +158,7 @@ class TrustPanel(QWidget):
         row.addStretch(1)
         row.addWidget(self.correct_button)
         form.addRow("Reach", row)
+        form.addRow("Method", self.guide_method_combo)
         cl.addLayout(form)
         cl.addWidget(self.correct_label)
 
@@ -207,6 +217,7 @@ class TrustPanel(QWidget):
         cor_busy = self.correct_job is not None
         self.compute_button.setEnabled(has and not err_busy)
         self.method_combo.setEnabled(not err_busy)
+        self.guide_method_combo.setEnabled(not cor_busy)
         self.cancel_button.setEnabled(err_busy or cor_busy)
         self.progress_bar.setVisible(err_busy or cor_busy)
         m = run.metrics if run is not None else {}
@@ -327,9 +338,16 @@ class TrustPanel(QWidget):
         return p
 
     # ================================================================ guided correction
-    def correct(self) -> bool:
-        """Queue the correction of the current run by the complete guide pairs; the corrected run
-        is added when it is done. False when there is nothing to correct."""
+    def correct(self, method: Optional[str] = None) -> bool:
+        """Queue the correction of the current run by the complete guide pairs (``method`` 'rbf' or
+        'optimise': the combo's by default); the corrected run is added when it is done. False when
+        there is nothing to correct or a correction is running."""
+        if method is not None:
+            i = self.guide_method_combo.findData(method)
+            if i < 0:
+                raise ValueError(f"guide method must be 'rbf' or 'optimise', got {method!r}")
+            self.guide_method_combo.setCurrentIndex(i)
+        method = self.guide_method_combo.currentData()
         ws, st = self.workspace, self.state
         run = ws.runs.current_run
         gf, gm = ws.guides.fixed_landmarks(), ws.guides.moving_landmarks()
@@ -339,10 +357,13 @@ class TrustPanel(QWidget):
         inputs = ws.registration_inputs()
         fixed, moving, result = st.fixed, st.moving, run.result
         name = trust.correction_name(run.name, len(gf))
-        self.correct_label.setText(f"Correcting '{run.name}' with {len(gf)} guide pair{'s' if len(gf) != 1 else ''}…")
-        self.progress_bar.setRange(0, 0)
+        self.correct_label.setText(f"Correcting '{run.name}' with {len(gf)} guide pair{'s' if len(gf) != 1 else ''}"
+                                   f" ({method})…")
+        self.progress_bar.setRange(0, 0 if method == "rbf" else 1000)
+        self.progress_bar.setValue(0)
         self.correct_job = self.engine.submit(
-            trust.correct_run, fixed, moving, result, gf, gm, sigma_mm=float(self.sigma_spin.value()),
+            trust.correct_run, fixed, moving, result, gf, gm, sigma_mm=float(self.sigma_spin.value()), method=method,
+            device=self._device(), on_progress=self._on_correct_progress,
             fixed_labels=inputs["fixed_labels"], moving_labels=inputs["moving_labels"],
             fixed_points=inputs["fixed_points"], moving_points=inputs["moving_points"],
             base_metrics=dict(run.metrics), base_name=run.name, name="guided correction", engine_callbacks=True,
@@ -351,6 +372,14 @@ class TrustPanel(QWidget):
         self.busy_changed.emit(True)
         self._update()
         return True
+
+    def _on_correct_progress(self, p) -> None:
+        frac = getattr(p, "fraction", None)
+        if frac is not None and self.progress_bar.maximum() > 0:
+            self.progress_bar.setValue(int(round(1000 * min(max(float(frac), 0.0), 1.0))))
+        if getattr(p, "iteration", None):
+            self.correct_label.setText(f"Correcting: optimiser iteration {p.iteration}"
+                                       + (f", loss {p.loss:.4f}" if getattr(p, "loss", None) is not None else ""))
 
     def _end_correct_job(self) -> None:
         self.correct_job = None
@@ -408,6 +437,7 @@ def guidance_summary(m: dict) -> str:
     widths = [float(v) for v in (g.get("widths_mm") or ([g["sigma_mm"]] if g.get("sigma_mm") else []))]
     reach = "" if not widths else (f"reach {min(widths):.0f} mm, " if max(widths) - min(widths) < 0.5
                                    else f"reach {min(widths):.0f}-{max(widths):.0f} mm, ")
-    return (f"Corrected from '{m.get('corrected_from') or '?'}' with {n} guide pair{'s' if n != 1 else ''}: "
+    how = {"optimise": " (image-aware)", "rbf": " (RBF)"}.get(g.get("method"), "")
+    return (f"Corrected from '{m.get('corrected_from') or '?'}' with {n} guide pair{'s' if n != 1 else ''}{how}: "
             f"guide TRE {_f(g.get('guide_tre_before_mm'))} → {_f(g.get('guide_tre_after_mm'))} mm "
             f"({reach}folding {_f(100 * float(g.get('fold_fraction') or 0), '{:.3f}')} %).")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 _PAIR_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks")
+# optional path columns resolved like the others, present in a row only when the CSV has them
+_GUIDE_COLUMNS = ("guide_fixed_landmarks", "guide_moving_landmarks")
 
 
 def read_pairs_csv(path) -> list[dict]:
@@ -17,14 +19,15 @@ def read_pairs_csv(path) -> list[dict]:
     ----------
     path : str or PathLike
         CSV with a header holding ``fixed`` and ``moving`` and optionally ``fixed_labels``,
-        ``moving_labels``, ``fixed_landmarks``, ``moving_landmarks`` (other columns are kept as
+        ``moving_labels``, ``fixed_landmarks``, ``moving_landmarks``, ``guide_fixed_landmarks``,
+        ``guide_moving_landmarks`` (guide pairs for a guided correction; other columns are kept as
         strings). Relative paths are resolved against the CSV's folder.
 
     Returns
     -------
     list of dict
-        One dict per non-empty row with all six keys; absent or empty optional entries are None,
-        paths are absolute strings.
+        One dict per non-empty row with the six keys (the guide keys only when the CSV has those
+        columns); absent or empty optional entries are None, paths are absolute strings.
 
     Raises
     ------
@@ -49,8 +52,8 @@ def read_pairs_csv(path) -> list[dict]:
         vals = {k: (v.strip() if isinstance(v, str) else "") for k, v in r.items() if k is not None}
         if not any(vals.values()):
             continue
-        row = {k: v for k, v in vals.items() if k not in _PAIR_COLUMNS}
-        for col in _PAIR_COLUMNS:
+        row = {k: v for k, v in vals.items() if k not in _PAIR_COLUMNS + _GUIDE_COLUMNS}
+        for col in _PAIR_COLUMNS + tuple(c for c in _GUIDE_COLUMNS if c in header):
             v = vals.get(col) or None
             if v is None and col in ("fixed", "moving"):
                 raise ValueError(f"{p}: line {lineno} has no '{col}' path")
