@@ -70,12 +70,13 @@ def _add_error_map(p: argparse.ArgumentParser) -> None:
 
 
 def _add_guide_method(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guide-method", choices=("rbf", "optimise"), default="rbf",
+    p.add_argument("--guide-method", choices=("optimise", "rbf"), default="optimise",
                    help="how guide pairs correct the result (register: --guide-*-landmarks; evaluate / --pairs: "
-                        "the CSV's guide_fixed_landmarks,guide_moving_landmarks columns): rbf (a Gaussian-RBF "
-                        "field on top, seconds; default) or optimise (image-aware: local NCC + smoothness + the "
-                        "guides as a landmark term from the result, then an RBF snap of the residual; tens of "
-                        "seconds on a CPU)")
+                        "the CSV's guide_fixed_landmarks,guide_moving_landmarks columns): optimise (default; "
+                        "image-aware: local NCC + smoothness + the guides as a landmark term from the result, "
+                        "tapered around the guides, then an RBF snap of the residual; tens of seconds on a CPU) "
+                        "or rbf (a Gaussian-RBF field on top, seconds, blind to the images: it lowered Dice on "
+                        "IXI pairs, bench/results/guidance.md)")
 
 
 BATCH_FAILED = 3  # exit status: the batch ran, some pairs failed (rows with an error message)
@@ -242,8 +243,8 @@ def _run_batch(a, mode: str) -> int:
     measure = {"metric_style": a.metrics}
     if getattr(a, "error_map", None):  # register --pairs --error-map: one error map per pair
         measure["error_map"] = a.error_map
-    if a.guide_method != "rbf":   # the default is left out so that earlier runs still --resume
-        measure["guide_method"] = a.guide_method
+    if any(p.get("guide_fixed_landmarks") or p.get("guide_moving_landmarks") for p in pairs):
+        measure["guide_method"] = a.guide_method    # only then: runs without guides still --resume
     try:
         rows, summary = run_batch(pairs, a.paradigm, parse_param_args(a.param), checkpoint=a.checkpoint,
                                   device=a.device, out_dir=a.out, mode=mode, workers=a.workers,

@@ -152,11 +152,11 @@ def test_image_aware_correction_honours_guides_on_an_oblique_grid_and_keeps_far_
     # 25 mm = 3 taper widths away the refinement has faded out: those points stay put
     np.testing.assert_allclose(corrected.transform_points(far), far, atol=0.05)
     assert field.shape == grid.shape and info["fold_fraction"] == 0.0
-    # without the taper the refinement reaches further, but the image term (moving = fixed) holds it
+    # without the taper the smooth refinement reaches those points too: the taper is what keeps them
     untapered, _, info2 = G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts), method="optimise",
                                               moving=grid, options=dict(quick, taper_mm=None), device="cpu")
     assert info2["guide_tre_after_mm"] < 0.5
-    assert np.linalg.norm(untapered.transform_points(far) - far, axis=1).max() < 0.5 * info2["guide_tre_before_mm"]
+    assert np.linalg.norm(untapered.transform_points(far) - far, axis=1).max() > 0.1
     with pytest.raises(ValueError, match="moving image"):
         G.guided_correction(grid, t, Landmarks(fpts), Landmarks(mpts), method="optimise")
     with pytest.raises(ValueError, match="rbf, optimise"):
@@ -247,18 +247,19 @@ def test_cli_guide_method_optimise_and_guide_columns_in_a_pairs_csv(tmp_path):
     for name, pts in (("gf.csv", gf), ("gm.csv", gm)):
         (tmp_path / name).write_text("x,y,z\n" + "".join(f"{p[0]},{p[1]},{p[2]}\n" for p in pts))
     fast = ["--paradigm", "iterative", "--param", "stages=rigid", "--param", "metric=mse", "--no-progress"]
-    # register: the image-aware method
+    # register: the RBF method, chosen
     out = tmp_path / "reg"
     r = subprocess.run([sys.executable, "main.py", "register", files["fixed"], files["moving"], *fast,
                         "--guide-fixed-landmarks", tmp_path / "gf.csv", "--guide-moving-landmarks", tmp_path / "gm.csv",
-                        "--guide-method", "optimise", "--out", out], cwd=root, capture_output=True, text=True,
+                        "--guide-method", "rbf", "--out", out], cwd=root, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     g = json.loads((out / "metrics.json").read_text())["guidance"]
-    assert g["method"] == "optimise" and g["guide_tre_after_mm"] < 1.0 < g["guide_tre_before_mm"]
+    assert g["method"] == "rbf" and g["guide_tre_after_mm"] < 1.0 < g["guide_tre_before_mm"]
     t = sitk.ReadTransform(str(out / "transform.h5"))
     np.testing.assert_allclose(t.TransformPoint(gf[1]), gm[1], atol=1.0)
-    # evaluate: guide pairs per row of the CSV (relative paths, resolved against the CSV's folder)
+    # evaluate: guide pairs per row of the CSV (relative paths, resolved against the CSV's folder), the
+    # default (image-aware) method
     (tmp_path / "pairs.csv").write_text("fixed,moving,guide_fixed_landmarks,guide_moving_landmarks\n"
                                         f"{files['fixed']},{files['moving']},gf.csv,gm.csv\n")
     ev = tmp_path / "ev"
@@ -267,7 +268,7 @@ def test_cli_guide_method_optimise_and_guide_columns_in_a_pairs_csv(tmp_path):
     assert r.returncode == 0, r.stderr
     full = json.loads((ev / "results.json").read_text())
     g = full[0]["guidance"]
-    assert g["method"] == "rbf" and g["guide_tre_after_mm"] < 1.0 < g["guide_tre_before_mm"]
+    assert g["method"] == "optimise" and g["guide_tre_after_mm"] < 1.0 < g["guide_tre_before_mm"]
     r = subprocess.run([sys.executable, "main.py", "register", files["fixed"], files["moving"], *fast,
                         "--guide-method", "tps", "--out", out], cwd=root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--guide-method" in r.stderr

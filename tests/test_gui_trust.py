@@ -258,6 +258,8 @@ def test_correct_adds_a_run_that_maps_the_guides_onto_their_partners(qtbot, tmp_
         ws.landmarks.add_point("fixed", (0.0, 0.0, 0.0))              # an evaluation landmark
         ws.landmarks.add_point("moving", (2.5, 0.0, 0.0))
         assert not tp.correct_button.isEnabled()
+        assert tp.guide_method_combo.currentData() == "optimise"                  # the default
+        tp.guide_method_combo.setCurrentIndex(tp.guide_method_combo.findData("rbf"))
         f = np.array([[0.0, 0.0, 0.0], [4.0, 3.0, -2.0], [-4.0, -3.0, 3.0]])
         m = res.transform.transform_points(f) + np.array([[1.5, 0.0, 0.0], [1.2, 0.3, 0.0], [1.6, -0.2, 0.4]])
         for a, b in zip(f, m):

@@ -86,7 +86,7 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
                          cancel: Optional[threading.Event] = None,
                          with_hd95: bool = True, error_map: Optional[str] = None,
                          guide_fixed_points: Optional[Landmarks] = None,
-                         guide_moving_points: Optional[Landmarks] = None, guide_method: str = "rbf",
+                         guide_moving_points: Optional[Landmarks] = None, guide_method: str = "optimise",
                          metric_style: str = "regstation"
                          ) -> tuple[RegistrationResult, dict[str, Any]]:
     """Run paradigm or pipeline ``paradigm_key`` (``"A"`` or ``"A+B"``, :mod:`app.engine.pipeline`) on
@@ -96,7 +96,7 @@ def register_and_measure(paradigm_key: str, fixed: Volume, moving: Volume, param
     ``B.name`` for a pipeline's stage B), a list of one per stage, or None (defaults).
     ``guide_fixed_points`` / ``guide_moving_points``: landmark pairs the result must honour
     (:func:`app.engine.guidance.guided_correction` after the registration, by ``guide_method``
-    'rbf' or 'optimise'; kept apart from the evaluation landmarks). ``error_map``: 'dissimilarity', 'consistency' or 'tta' adds the estimated error map
+    'optimise' (image-aware, the default) or 'rbf'; kept apart from the evaluation landmarks). ``error_map``: 'dissimilarity', 'consistency' or 'tta' adds the estimated error map
     (:mod:`app.engine.errormap`) to the result and its summary to the metrics.
     Raises ValueError on bad input, :class:`~app.engine.types.Cancelled` when cancelled.
     """

@@ -43,7 +43,7 @@ from app.viewer.workspace import Workspace
 from .landmark_panel import LandmarkPanel
 
 METHOD_TEXT = {"dissimilarity": "Dissimilarity (fast)", "consistency": "Inverse consistency (re-registers)"}
-GUIDE_METHOD_TEXT = {"rbf": "Smooth bump (RBF, seconds)", "optimise": "Image-aware (optimiser, slower)"}
+GUIDE_METHOD_TEXT = {"optimise": "Image-aware (optimiser)", "rbf": "Smooth bump (RBF, fast)"}
 
 
 class TrustPanel(QWidget):
@@ -137,13 +137,13 @@ class TrustPanel(QWidget):
         self.sigma_spin.setToolTip("Reach of the correction (Gaussian RBF width); narrowed between close guides "
                                    "and widened where a guide's residual would fold the field")
         self.guide_method_combo = QComboBox()
-        for m in ("rbf", "optimise"):
+        for m in ("optimise", "rbf"):          # image-aware first: it kept Dice on IXI pairs, the RBF did not
             self.guide_method_combo.addItem(GUIDE_METHOD_TEXT[m], m)
         self.guide_method_combo.setToolTip(
-            "Smooth bump: a Gaussian-RBF field on top of the run moves each guide onto its partner; the images "
-            "are not looked at (seconds).\nImage-aware: the optimiser refines the run with local NCC, smoothness and "
-            "the guides as a landmark term, then the RBF snaps the rest (tens of seconds on a CPU; it refines the "
-            "whole field). See bench/results/guidance.md for how they compare.")
+            "Image-aware: the optimiser refines the run around the guides with local NCC, smoothness and the guides "
+            "as a landmark term, then a small RBF snaps the rest (tens of seconds on a CPU).\nSmooth bump: a "
+            "Gaussian-RBF field on top of the run moves each guide onto its partner without looking at the images "
+            "(seconds; it can drag nearby structures off). bench/results/guidance.md compares them.")
         self.correct_button = QPushButton("Correct")
         self.correct_button.setToolTip("A new run: the current run's transform refined to map every fixed guide "
                                        "onto its moving partner, the rest of the field kept")
