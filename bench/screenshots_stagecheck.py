@@ -49,11 +49,15 @@ def main(argv=None) -> int:
     torch.save(ckpt, bad)
 
     app = QApplication.instance() or QApplication(["screenshots"])
-    w = MainWindow(confirm_close=False, autosave_dir=tmp / "autosave")
     ww, wh = (int(x) for x in a.size.split("x"))
-    w.resize(ww, wh)
-    w.move(0, 0)
-    w.show()
+
+    def window():
+        win = MainWindow(confirm_close=False, autosave_dir=tmp / f"autosave{time.time_ns()}")
+        win.resize(ww, wh)
+        win.move(0, 0)
+        win.show()
+        return win
+    w = window()
 
     def settle(seconds: float = 0.5) -> None:
         t_end = time.perf_counter() + seconds
@@ -99,6 +103,8 @@ def main(argv=None) -> int:
     shot("stagecheck_flagged_window.png")
 
     if (MS / "ms_cross_sectional_patient07/T1.nii.gz").is_file():
+        w.close()
+        w = window()       # a fresh window: no "replace the images?" question
         assert w.load_pair(MS / "ms_cross_sectional_patient07/T1.nii.gz", MS / "ms_cross_sectional_patient19/T1.nii.gz")
         got = run_weakly(root / "resources/checkpoints/weakly.pt")
         m = got.get("metrics") or {}

@@ -31,7 +31,8 @@ The foreground overlap gains at least 0.019 at the deformable stage there, and t
 moves it by -0.004 at worst (heads with skull: a 1 mm shift costs only 0.001-0.003), while on
 skull-stripped brains a 1 mm shift costs 0.011 (0.010-0.012 on the aligned MS / BraTS scans):
 an overlap margin of 0.01 is "worse by about a 1 mm error of the brain outline". Cost: 0.10 s of
-CPU per IXI pair for the whole check (inputs, modality, four stages; 40 runs, one thread).
+CPU per IXI pair for the whole check (inputs, modality, four stages; 40 runs, one thread;
+0.094 s after the fixed image's local moments were computed once per check).
 
 Numpy / SimpleITK only (no torch, no Qt).
 """
@@ -143,17 +144,32 @@ def local_ncc(f: np.ndarray, m: np.ndarray, mask: np.ndarray, window: int = LNCC
     Unlike :func:`app.engine.metrics.similarity.local_ncc`, which leaves flat windows out of the
     mean, a fixed-image region where the warped moving image is empty (its object shrunk or moved
     away) lowers the value here: that is exactly the failure this check must see."""
-    from scipy.ndimage import uniform_filter
-    f = f.astype(np.float32)
-    m = m.astype(np.float32)
-    mf, mm, ff, mm2, fm = uniform_filter(np.stack([f, m, f * f, m * m, f * m]), (1, window, window, window))
-    vf = ff - mf * mf
-    vm = mm2 - mm * mm
-    cr = fm - mf * mm
-    den = np.sqrt(np.clip(vf, 0, None) * np.clip(vm, 0, None))
-    ok = den > 1e-6
-    cc = np.where(ok, cr / np.where(ok, den, 1.0), 0.0)
-    return float(cc[mask].mean()) if mask.any() else 0.0
+    return _FixedMoments(f, mask, window)(m)
+
+
+class _FixedMoments:
+    """:func:`local_ncc` against one fixed array, its local moments computed once."""
+
+    def __init__(self, f: np.ndarray, mask: np.ndarray, window: int = LNCC_WINDOW):
+        from scipy.ndimage import uniform_filter
+        self.f = f.astype(np.float32)
+        self.mask = mask
+        self.size = (1, window, window, window)
+        self.mf, ff = uniform_filter(np.stack([self.f, self.f * self.f]), self.size)
+        self.vf = np.clip(ff - self.mf * self.mf, 0, None)
+
+    def __call__(self, m: np.ndarray) -> float:
+        from scipy.ndimage import uniform_filter
+        if not self.mask.any():
+            return 0.0
+        m = m.astype(np.float32)
+        mm, mm2, fm = uniform_filter(np.stack([m, m * m, self.f * m]), self.size)
+        vm = np.clip(mm2 - mm * mm, 0, None)
+        cr = fm - self.mf * mm
+        den = np.sqrt(self.vf * vm)
+        ok = den > 1e-6
+        cc = np.where(ok, cr / np.where(ok, den, 1.0), 0.0)
+        return float(cc[self.mask].mean())
 
 
 def normalised_mi(f: np.ndarray, m: np.ndarray, mask: np.ndarray, bins: int = MI_BINS) -> float:
@@ -221,13 +237,14 @@ def check_stages(fixed: Volume, moving: Volume, stages: Sequence[tuple[str, Opti
         mask = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     m_lo, m_hi = _range(sitk.GetArrayViewFromImage(mb))
     f_fg = fa > FOREGROUND
+    lncc = None if multimodal else _FixedMoments(fa, mask)
     values: dict[str, float] = {}
     overlap: dict[str, float] = {}
     for name, tx in stages:
         itk = (tx or Transform.identity()).itk
         w = sitk.GetArrayFromImage(sitk.Resample(mb, fb, itk, sitk.sitkLinear, m_lo, sitk.sitkFloat32))
         w = np.clip((w - m_lo) / (m_hi - m_lo), 0.0, 1.0)
-        values[name] = normalised_mi(fa, w, mask) if multimodal else local_ncc(fa, w, mask)
+        values[name] = normalised_mi(fa, w, mask) if multimodal else lncc(w)
         w_fg = w > FOREGROUND
         total = int(f_fg.sum()) + int(w_fg.sum())
         overlap[name] = 2.0 * float((f_fg & w_fg).sum()) / total if total else 1.0
