@@ -187,3 +187,13 @@ def test_real_skull_stripped_1mm_scan_is_named():
     assert len(w) == 1
     for part in ("the fixed image looks skull-stripped", "the moving image looks skull-stripped", "1 x 1 x 1 mm"):
         assert part in w[0]
+
+
+def test_supervised_results_carry_the_check(demo):
+    from app.engine.paradigms import get
+    fixed, moving, _ = demo
+    res = get("supervised").register(fixed, moving, device="cpu")
+    sc = res.checks["stage_check"]
+    assert list(sc["values"]) == ["start", "prealigned", "affine"] and sc["kept"] in sc["values"]
+    assert sc["values"]["affine"] > sc["values"]["start"]          # a native-space IXI pair: the pose helps
+    assert res.flagged == sc["flagged"]

@@ -279,6 +279,19 @@ def register_supervised(fixed: Volume, moving: Volume, params: SupervisedParams,
     if disp_mm is not None or pre_chain is not None:
         from ..spatial import transform_to_field
         field = transform_to_field(transform, fixed)
+    # the stage check of every learned result on the fixed grid (app.engine.stagecheck): the better stage kept
+    from ..spatial import transform_to_field
+    from ..stagecheck import guard_learned
+    pre = pre_chain or Transform.identity()
+    stages = [("start", pre.then(affine_to_transform(start)) if initial is not None else pre)]
+    stages += [("prealigned", pre.then(affine_to_transform(start)))] if initial is None else []
+    stages += [(params.stages.split("+")[0], pre.then(Transform(affine_to_transform(affine).itk, "affine")))]
+    stages += [("deformable", transform)] if disp_mm is not None else []
+    kept, checks, more = guard_learned(fixed, moving_orig, stages, ckpt, name.split("@")[0])
+    warnings += more
+    if kept != stages[-1][0]:
+        transform = dict(stages)[kept]
+        field = None if transform.is_linear else transform_to_field(transform, fixed)
     t3 = time.perf_counter()
     if progress:
         progress(Progress("resample", message="resampling the moving image once", fraction=0.8))
@@ -292,5 +305,5 @@ def register_supervised(fixed: Volume, moving: Volume, params: SupervisedParams,
         progress(Progress("done", message=msg, fraction=1.0))
     res = RegistrationResult(transform=transform, warped=warped, field=field, history=[], timings=timings,
                              device=str(dev), paradigm="supervised", params=params_to_dict(params),
-                             checkpoint_id=name, warped_labels=warped_labels, warnings=warnings)
+                             checkpoint_id=name, warped_labels=warped_labels, warnings=warnings, checks=checks)
     return res
