@@ -227,7 +227,7 @@ def summarise(rows: list[dict], methods) -> dict:
         for m in methods:
             both = [r for r in rows if m in r and "greedy" in r and r[m].get("dice_mean") is not None
                     and r["greedy"].get("dice_mean") is not None]
-            if m == "greedy" or m not in out or not both:
+            if m in ("greedy", "identity") or m not in out or not both:
                 continue
             d = np.array([r[m]["dice_mean"] - r["greedy"]["dice_mean"] for r in both])
             out[m]["dice_minus_greedy"] = float(d.mean())
@@ -237,7 +237,7 @@ def summarise(rows: list[dict], methods) -> dict:
     return out
 
 
-def markdown(summary: dict, meta: dict) -> str:
+def markdown(summary: dict, meta: dict, rows: list = ()) -> str:
     lines = [f"# Peers on {meta['pairs']} IXI test pairs (`{meta['pairs_csv']}`), one run",
              "",
              f"`{meta['command']}`  ",
@@ -265,6 +265,13 @@ def markdown(summary: dict, meta: dict) -> str:
         lines += ["", "Composition check (the peer's own nearest-neighbour warp of the moving labels vs RegStation's "
                   f"resampling through the converted transform, fraction of voxels equal; required > {AGREEMENT_MIN}): "
                   + "; ".join(checks) + "."]
+    if rows:
+        ms = list(summary)
+        lines += ["", "Dice per pair:", "", "| pair | fixed | moving | " + " | ".join(ms) + " |",
+                  "|---|---|---|" + "---|" * len(ms)]
+        for r in rows:
+            vals = [f"{r[m]['dice_mean']:.4f}" if r.get(m, {}).get("dice_mean") is not None else "-" for m in ms]
+            lines.append(f"| {r['pair']} | {r['fixed']} | {r['moving']} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -281,13 +288,14 @@ def merge(out: str, n: int) -> int:
     rows = [by_pair[k] for k in sorted(by_pair)]
     meta = dict(parts[0]["meta"])
     meta.update(started=min(p["meta"]["started"] for p in parts), finished=max(p["meta"]["finished"] for p in parts),
-                load_start="/".join(p["meta"]["load_start"] for p in parts),
-                load_end="/".join(p["meta"]["load_end"] for p in parts), pairs=len(rows),
+                load_start="%s-%s" % (min((p["meta"]["load_start"] for p in parts), key=float), max((p["meta"]["load_start"] for p in parts), key=float)),
+                load_end="%s-%s" % (min((p["meta"]["load_end"] for p in parts), key=float), max((p["meta"]["load_end"] for p in parts), key=float)),
+                pairs=len(rows),
                 command=parts[0]["meta"]["command"].split(" --shard")[0] + f" --shard K/{n} (K = 0..{n - 1}, side by side)"
                 + (f" and --indices for {len(files) - n} more processes" if len(files) > n else ""))
     summary = summarise(rows, meta["methods"])
     Path(out + ".json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
-    Path(out + ".md").write_text(markdown(summary, meta))
+    Path(out + ".md").write_text(markdown(summary, meta, rows))
     print(Path(out + ".md").read_text())
     return 0
 
@@ -377,7 +385,7 @@ def main() -> int:
                         pairs=len(rows))
             summary = summarise(rows, methods)
             out_json.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
-            out_md.write_text(markdown(summary, meta))
+            out_md.write_text(markdown(summary, meta, rows))
     print(out_md.read_text())
     return 0
 
