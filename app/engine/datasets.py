@@ -63,6 +63,13 @@ class Preprocessing:
         return cls(**kw)
 
 
+def fine_preprocessing(prep: Preprocessing, factor: int = 2) -> Preprocessing:
+    """The refinement grid of ``prep``: same centre, orientation and extent, ``factor`` times finer
+    (shape x factor, spacing / factor); coarse index ``i`` is fine index ``factor * i + (factor - 1) / 2``."""
+    return dataclasses.replace(prep, grid_shape=tuple(int(s) * factor for s in prep.grid_shape),
+                               spacing_mm=float(prep.spacing_mm) / factor)
+
+
 # --------------------------------------------------------------------------- preprocessing
 def normalize_intensity(array: np.ndarray, percentile: float = 99.0) -> np.ndarray:
     """Clip to ``[min, percentile]`` and scale to [0, 1]; float32, same shape (z, y, x)."""

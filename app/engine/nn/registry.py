@@ -16,6 +16,7 @@ NETWORKS: dict[str, str] = {
     "affine": "app.engine.nn.networks:AffineNet",
     "affine_flow": "app.engine.nn.networks:FlowAffineNet",
     "two_stage": "app.engine.nn.networks:TwoStageNet",
+    "refine": "app.engine.nn.networks:RefineNet",
     "agent": "app.engine.nn.agent_net:AgentNet",
     "pose_regressor": "app.engine.nn.regression:PoseRegressor",
     "supervised": "app.engine.nn.regression:SupervisedNet",

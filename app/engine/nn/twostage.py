@@ -10,6 +10,17 @@
 
 so the full transform is ``T(x) = A(x + u(x))``: the affine stage first, then the field estimated
 on its result (``Transform.then``).
+
+With a refinement net (:class:`~app.engine.nn.networks.RefineNet`, :func:`run_refine`) the pair is
+also given on a fine grid (same centre and orientation, ``factor`` times finer: 2 mm for the 4 mm
+models), ``u`` is upsampled to it and
+
+    moving_c = moving(A(x + u(x)))                              (fine grid)
+    r        = refine_net(fixed, moving_c)                      (fine-grid voxels, zyx)
+    d(x)     = r(x) + u(x + r(x))                               (exact composition, u interpolated)
+    moving_r = moving(A(x + d(x)))                              (one interpolation)
+
+so ``T(x) = A(x + d(x))`` with ``d`` on the fine grid.
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ import numpy as np
 import torch
 
 from . import geometry as G
+from .layers import resize_field
 from .networks import FieldPrediction, TwoStageNet
 
 
@@ -138,3 +150,93 @@ def warp_labels_nearest(labels: torch.Tensor, index_affine: torch.Tensor, shape_
     out = G.sample_through(labels[:, None].float(), index_affine, shape_zyx, disp_vox=disp_vox,
                            mode="nearest", padding_mode="zeros")
     return out[:, 0].round().long()
+
+
+@dataclass
+class RefineOutput:
+    """Result of :func:`run_refine`, all on the fine fixed grid (or the crop of it).
+
+    fixed : (B, 1, D, H, W) the fine fixed images (cropped). coarse_vox : (B, 3, D, H, W) the coarse
+    field ``u`` in fine voxels. moving_coarse : the moving images through ``A(x + u(x))``.
+    residual : the refinement net's :class:`FieldPrediction` (``r``). disp_vox : the full field
+    ``d = r + u o (id + r)`` (fine voxels, zyx). index_affine : (B, 4, 4) fine (crop) index -> moving
+    index through ``A``. moving_warped : the moving images through ``A(x + d(x))``.
+    """
+
+    fixed: torch.Tensor
+    coarse_vox: torch.Tensor
+    moving_coarse: torch.Tensor
+    residual: FieldPrediction
+    disp_vox: torch.Tensor
+    index_affine: torch.Tensor
+    moving_warped: torch.Tensor
+
+
+def coarse_from_fine(fine: PairTensors, factor: int) -> PairTensors:
+    """The working-grid pair of a fine pair: images average-pooled by ``factor`` (the mean of each
+    ``factor**3`` block is the trilinear value at the coarse voxel's centre), grids strided
+    (coarse index ``i`` = fine index ``factor * i + (factor - 1) / 2``), same frames and ``init``.
+
+    Models with a refinement net take their working-grid inputs from here, in training and in
+    inference alike (one preprocessing, at the fine grid).
+    """
+    import torch.nn.functional as F
+    s = torch.eye(4, dtype=fine.fixed_grid.dtype, device=fine.fixed_grid.device)
+    s[:3, :3] *= factor
+    s[:3, 3] = (factor - 1) / 2
+    return PairTensors(F.avg_pool3d(fine.fixed, factor), F.avg_pool3d(fine.moving, factor),
+                       fine.fixed_grid @ s, fine.moving_grid @ s, fine.frame, fine.init)
+
+
+def crop_shift(offset_zyx, ref: torch.Tensor) -> torch.Tensor:
+    """(1, 4, 4) index translation ``i -> i + offset`` (crop index -> full-grid index)."""
+    m = torch.eye(4, dtype=ref.dtype, device=ref.device)[None].clone()
+    m[0, :3, 3] = torch.as_tensor([float(o) for o in offset_zyx], dtype=ref.dtype, device=ref.device)
+    return m
+
+
+def run_refine(model: TwoStageNet, coarse: TwoStageOutput, fine: PairTensors, crop=None,
+               autocast=None, warp: bool = True) -> RefineOutput:
+    """The refinement stage on top of a coarse :func:`run_two_stage` result (see the module docstring).
+
+    Parameters
+    ----------
+    model : a TwoStageNet with ``model.refine``.
+    coarse : the coarse result on the working grid (``coarse.field`` required).
+    fine : the same pairs on the fine grids (same centres and orientations as the working grids,
+        ``model.refine.factor`` times the shape; same ``init``).
+    crop : ``((z0, y0, x0), (d, h, w))`` to run the refinement on a block of the fine fixed grid only
+        (training: the net is fully convolutional), or None for the whole grid.
+    warp : also resample the moving images through the full transform (``moving_warped``; None
+        when False: inference resamples once on the caller's grid).
+    """
+    import contextlib
+    if model.refine is None:
+        raise ValueError("run_refine: this model has no refinement net")
+    if coarse.field is None:
+        raise ValueError("run_refine: the coarse result has no deformable field")
+    ac = autocast or contextlib.nullcontext
+    shape = tuple(fine.fixed.shape[2:])
+    want = tuple(s * model.refine.factor for s in coarse.field.disp_vox.shape[2:])
+    if shape != want:
+        raise ValueError(f"run_refine: the fine grid {shape} must be {model.refine.factor} x the working grid "
+                         f"{tuple(coarse.field.disp_vox.shape[2:])} = {want}")
+    u = resize_field(coarse.field.disp_vox.float(), shape)
+    k = G.index_map(fine.fixed_grid, fine.moving_grid, coarse.affine)
+    fixed = fine.fixed
+    if crop is not None:
+        (z0, y0, x0), (d, h, w) = crop
+        sl = (slice(None), slice(None), slice(z0, z0 + d), slice(y0, y0 + h), slice(x0, x0 + w))
+        u, fixed = u[sl], fixed[sl]
+        k = k @ crop_shift((z0, y0, x0), k)
+        shape = (d, h, w)
+    moving_c = G.sample_through(fine.moving, k, shape, disp_vox=u)
+    with ac():
+        pred = model.refine(fixed, moving_c)
+    pred = FieldPrediction(pred.disp_vox.float(), pred.raw_vox.float())
+    r = pred.disp_vox
+    # d(x) = r(x) + u(x + r(x)); beyond the grid u continues at its edge value (as on the fixed grid)
+    from ..spatial import warp_torch
+    disp = r + warp_torch(u, r, "bilinear", "border")
+    warped = G.sample_through(fine.moving, k, shape, disp_vox=disp) if warp else None
+    return RefineOutput(fixed, u, moving_c, pred, disp, k, warped)

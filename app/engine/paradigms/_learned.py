@@ -55,26 +55,38 @@ def run_pair(ckpt: dict, fixed: Volume, moving: Volume, device, deformable: bool
     """Preprocess a pair and run the network on its working grid.
 
     Returns {"affine": (4, 4) physical fixed -> moving, "disp_mm": (1, 3, D, H, W) xyz mm on the
-    working grid or None, "grid": working grid of the fixed image, "init": (4, 4) the centre-of-mass
-    prealignment the affine net started from, "timings": {...}}.
+    working grid (the fine grid when the model has a refinement net) or None, "grid": that grid of
+    the fixed image, "init": (4, 4) the centre-of-mass prealignment the affine net started from,
+    "timings": {...}}.
     """
     import torch
     from .. import datasets as D
     from ..nn import geometry as G
-    from ..nn.twostage import PairTensors, run_two_stage
+    from ..nn.twostage import PairTensors, coarse_from_fine, run_refine, run_two_stage
     from ..spatial import voxel_to_physical_field
     t0 = time.perf_counter()
     prep = D.Preprocessing.from_dict(ckpt["preprocessing"])
-    fixed_w = D.preprocess(fixed, prep)
-    moving_w = D.preprocess(moving, prep)
+    model = ckpt["model"].to(device)
+    refine = model.refine if getattr(model, "refine", None) is not None else None
+    # A model with a refinement net is fed at the fine grid only (its working-grid inputs are pooled
+    # from there, as in its training); an older model sees the working grid directly.
+    wprep = D.fine_preprocessing(prep, refine.factor) if refine is not None else prep
+    fixed_w = D.preprocess(fixed, wprep)
+    moving_w = D.preprocess(moving, wprep)
     init = G.translation(D.prealign_offset(fixed_w, moving_w, prep))
     pair = PairTensors.from_numpy([fixed_w.array], [moving_w.array], [G.grid_matrix(fixed_w)],
                                   [G.grid_matrix(moving_w)], [G.theta_frame(fixed_w)], [init], device=device)
+    fine = None
+    if refine is not None:
+        fine, pair = pair, coarse_from_fine(pair, refine.factor)
     t1 = time.perf_counter()
-    model = ckpt["model"].to(device)
     with torch.no_grad():
         out = run_two_stage(model, pair, deformable=deformable, train_affine=False)
-        disp_mm = None if out.field is None else voxel_to_physical_field(out.field.disp_vox, fixed_w)
+        disp_mm = None
+        if out.field is not None and fine is not None:
+            disp_mm = voxel_to_physical_field(run_refine(model, out, fine, warp=False).disp_vox, fixed_w)
+        elif out.field is not None:
+            disp_mm = voxel_to_physical_field(out.field.disp_vox, fixed_w)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()

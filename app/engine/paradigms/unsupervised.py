@@ -34,8 +34,9 @@ class UnsupervisedTrainConfig(LoopConfig):
     """Training options of the two-stage model (``main.py train --paradigm unsupervised``);
     the trainer is :class:`app.engine.training.twostage.TwoStageTrainer`."""
 
-    stage: str = param("joint", "what to train: the affine net, the deformable net (affine frozen) or both",
-                       choices=("affine", "deformable", "joint"))
+    stage: str = param("joint", "what to train: the affine net, the deformable net (affine frozen), both, or "
+                                "'refine': a 2 mm residual net on top of init's frozen stages",
+                       choices=("affine", "deformable", "joint", "refine"))
     diffeomorphic: bool = param(False, "deformable stage predicts a stationary velocity (scaling and squaring)")
     grid: str = param("45x60x60", "working grid z x y x x (voxels)")
     spacing_mm: float = param(4.0, "working grid spacing (isotropic, mm)", range=(0.25, 32.0))
@@ -66,6 +67,17 @@ class UnsupervisedTrainConfig(LoopConfig):
     aug_scale: float = param(0.1, "augmentation: max relative scaling", range=(0.0, 0.5))
     aug_trans_mm: float = param(10.0, "augmentation: max translation per axis (mm)", range=(0.0, 100.0))
     aug_intensity: bool = param(True, "augmentation: random gamma, scale and noise")
+    refine_enc: str = param("16,16,32,32", "refine stage: encoder channels (level 0 on the working grid, inputs "
+                                           "folded from the 2x finer grid)")
+    refine_dec: str = param("32,32,16,16", "refine stage: decoder channels, coarsest first (as many as refine_enc)")
+    refine_int_steps: int = param(6, "refine stage: scaling-and-squaring steps (diffeomorphic)", range=(0, 12))
+    refine_crop: int = param(64, "refine stage: side of the random block of the fine grid trained per step "
+                                 "(voxels, a multiple of 16; 0: whole grid)", range=(0, 1024))
+    aug_skullstrip: float = param(0.0, "refine stage: probability of skull stripping each image (brain mask from "
+                                       "the labels, random margin 1-6 mm)", range=(0.0, 1.0))
+    aug_contrast: bool = param(False, "refine stage: random monotone intensity remap (half of the images)")
+    aug_blur: float = param(0.0, "refine stage: probability of a random resolution loss (Gaussian blur "
+                                 "0.5-1.5 voxels)", range=(0.0, 1.0))
     self_pairs: float = param(0.0, "affine/joint stages: fraction of pairs made of a subject and its own randomly "
                                    "transformed copy, whose known transform also supervises the affine stage "
                                    "(self-supervised: no labels)", range=(0.0, 1.0))

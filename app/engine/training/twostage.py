@@ -261,6 +261,8 @@ class TwoStageTrainer(Trainer):
         cfg = self.cfg
         self.weakly = self.key == "weakly"
         # resuming: the network, its working grid, its stage and its lineage come from the checkpoint
+        if cfg.stage == "refine" or (resume is not None and resume["training"].get("stage") == "refine"):
+            return self._build_refine(resume, progress)
         self.prep = D.Preprocessing.from_dict(resume["preprocessing"]) if resume is not None else preprocessing(cfg)
         self.subjects = self.load_training_subjects(self.prep, self.weakly, progress)
         split, cache = D.load_split(cfg.split), cfg.cache_dir or None
@@ -286,7 +288,56 @@ class TwoStageTrainer(Trainer):
         _set_trainable(model, self.stage)
         return model
 
+    def _build_refine(self, resume, progress):
+        """The refine stage: init's (or resume's) network with a RefineNet, subjects at the fine grid."""
+        from .refine import brain_distance, refine_config
+        cfg = self.cfg
+        self.stage = "refine"
+        if resume is not None:
+            model = resume["model"]
+            self.inherited = {k: v for k, v in resume["training"].items() if k == "init"}
+            self.prep = D.Preprocessing.from_dict(resume["preprocessing"])
+        else:
+            if not cfg.init:
+                raise ValueError("the refine stage needs init: the two-stage checkpoint whose stages it refines")
+            ck = _two_stage_checkpoint(cfg.init)
+            base = ck["model"]
+            if getattr(base, "refine", None) is not None:
+                raise ValueError(f"init {cfg.init} has a refinement net already (use resume to continue it)")
+            from ..nn.networks import build_model
+            net_cfg = {**base.config, "refine": refine_config(cfg)}
+            model = build_model(net_cfg)
+            missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+            if unexpected or any(not k.startswith("refine.") for k in missing):
+                raise ValueError(f"init {cfg.init}: its stages do not fit ({missing}, {unexpected})")
+            self.prep = D.Preprocessing.from_dict(ck["preprocessing"])
+            self.inherited = {"init": {"stages_loaded": {"affine": str(cfg.init), "deformable": str(cfg.init)},
+                                       "training": {k: ck["training"].get(k) for k in
+                                                    ("steps", "stage", "losses", "init", "validation")}}}
+        self.fine_prep = D.fine_preprocessing(self.prep, model.refine.factor)
+        self.subjects = self.load_training_subjects(self.fine_prep, self.weakly, progress)
+        if self.weakly and any(s.labels is None for s in self.subjects):
+            raise ValueError("weakly supervised training needs a label map for every training subject")
+        sp = self.fine_prep.spacing_mm
+        self.distances = [brain_distance(s.labels, sp) if s.labels is not None else None for s in self.subjects]
+        split = D.load_split(cfg.split)
+        self.val_pairs = [tuple(p) for p in split.get("val_pairs", [])][:cfg.max_val_pairs] if self.rank == 0 else []
+        val_names = sorted({n for p in self.val_pairs for n in p})
+        self.val_subjects = {s.name: s for s in D.load_subjects(val_names, self.fine_prep, cfg.data_root, True,
+                                                                cfg.cache_dir or None)}
+        self.run_cfg = dataclasses.replace(cfg, stage="refine", diffeomorphic=model.refine.diffeomorphic)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in model.refine.parameters():
+            p.requires_grad_(True)
+        return model
+
     def objective(self):
+        if self.stage == "refine":
+            from .refine import RefineLoss
+            self.disc = None
+            self.loss = RefineLoss(self.model, self.run_cfg, self.weakly, self)
+            return self.loss
         self.loss = TwoStageLoss(self.model, self.run_cfg, self.weakly, self)
         self.disc = None
         if self.cfg.w_adv > 0:
@@ -299,6 +350,9 @@ class TwoStageTrainer(Trainer):
 
     def sample(self, step, rng, step_rng):
         cfg, stage = self.cfg, self.stage
+        if stage == "refine":
+            from .refine import sample_refine
+            return sample_refine(self, rng, step_rng)
         pairs = D.sample_pairs(len(self.subjects), cfg.batch_size * self.world, step_rng)
         mine = pairs[self.rank * cfg.batch_size:(self.rank + 1) * cfg.batch_size]
         items, mlabels, flabels, spoints = [], [], [], []
@@ -349,9 +403,14 @@ class TwoStageTrainer(Trainer):
 
     @torch.no_grad()
     def validate(self):
+        if self.stage == "refine":
+            from .refine import validate_refine
+            return validate_refine(self.model, self.val_subjects, self.val_pairs, self.device)
         return validate(self.model, self.val_subjects, self.val_pairs, self.device)
 
     def summary(self, val):
+        if "dice_coarse" in val:
+            return f"Dice {val.get('dice', float('nan')):.3f} (coarse {val['dice_coarse']:.3f})"
         return f"Dice {val.get('dice', float('nan')):.3f} (affine {val.get('dice_affine', float('nan')):.3f})"
 
     def preprocessing(self):
@@ -371,7 +430,9 @@ class TwoStageTrainer(Trainer):
                        "self_pairs": cfg.self_pairs, "w_selfsup": cfg.w_selfsup,
                        "w_affine_dense": cfg.w_affine_dense},
             "augmentation": {"rot_deg": cfg.aug_rot_deg, "scale": cfg.aug_scale, "trans_mm": cfg.aug_trans_mm,
-                             "intensity": cfg.aug_intensity},
+                             "intensity": cfg.aug_intensity,
+                             **({"skullstrip": cfg.aug_skullstrip, "contrast": cfg.aug_contrast, "blur": cfg.aug_blur,
+                                 "crop": cfg.refine_crop} if self.stage == "refine" else {})},
         }
 
 
