@@ -9,7 +9,8 @@ from app.engine import checkpoints as C
 from app.engine import datasets as D
 from app.engine import spatial, training
 from app.engine.nn import geometry as G
-from app.engine.nn.networks import RefineNet, TwoStageNet, build_model, depth_to_space, space_to_depth
+from app.engine.nn.networks import (DeformableNet, RefineNet, TwoStageNet, build_model, depth_to_space,
+                                    space_to_depth)
 from app.engine.nn.twostage import PairTensors, coarse_from_fine, run_refine, run_two_stage
 from app.engine.paradigms import _learned
 from app.engine.paradigms.weakly import WeaklyRegistrar
@@ -49,12 +50,30 @@ def test_refine_net_shapes_at_2mm_and_near_zero_init(diffeo):
         net(x, torch.rand(1, 1, 90, 120, 118))
 
 
+def test_refine_net_warm_start_computes_the_coarse_features_on_folded_inputs():
+    """Started from a working-grid DeformableNet of the same channels, the refinement U-Net computes on
+    the folded fine inputs exactly what that net computes on the average-pooled ones; heads at ~0."""
+    torch.manual_seed(0)
+    coarse = DeformableNet(enc=(4, 8, 8), dec=(8, 8, 4), out_level=0)
+    net = RefineNet(enc=(4, 8, 8), dec=(8, 8, 4))
+    assert net.warm_start(coarse) == len(coarse.state_dict()) - 2
+    fixed, moving = torch.rand(1, 1, 16, 24, 16), torch.rand(1, 1, 16, 24, 16)
+    pool = torch.nn.functional.avg_pool3d
+    a = net.down[0](torch.cat([space_to_depth(fixed, 2), space_to_depth(moving, 2)], 1))
+    b = coarse.down[0](torch.cat([pool(fixed, 2), pool(moving, 2)], 1))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert net(fixed, moving).disp_vox.abs().max() < 1e-2
+    assert RefineNet(enc=(4, 8), dec=(8, 8)).warm_start(coarse) == 0
+
+
 def test_two_stage_without_refine_keeps_its_config_and_weights():
     net = TwoStageNet(AFFINE, DEFORM)
     assert "refine" not in net.config and net.refine is None
     assert not any(k.startswith("refine.") for k in net.state_dict())
     with_refine = TwoStageNet(AFFINE, DEFORM, refine=REFINE)
     assert with_refine.config["refine"] == RefineNet(enc=[4, 8], dec=[8, 8]).config
+    assert build_model(with_refine.config).config == with_refine.config
     assert set(with_refine.state_dict()) - set(net.state_dict()) == {
         k for k in with_refine.state_dict() if k.startswith("refine.")}
     with pytest.raises(ValueError, match="refine"):
@@ -109,7 +128,9 @@ def _constant_refine_model(r_zyx, u_zyx=(0.0, 0.0, 0.0)):
         model.deformable.head.weight.zero_()
         model.deformable.head.bias.copy_(torch.tensor(u_zyx))
         model.refine.head.weight.zero_()
-        model.refine.head.bias.copy_(torch.tensor(r_zyx).repeat_interleave(8))
+        model.refine.head.bias.zero_()
+        model.refine.detail.weight.zero_()
+        model.refine.detail.bias.copy_(torch.tensor(r_zyx).repeat_interleave(8))
     return model.eval()
 
 
@@ -225,7 +246,7 @@ def test_a_few_refine_steps_lower_the_loss():
         parts["total"].backward()
         opt.step()
         losses.append(float(parts["total"]))
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.75 * losses[0]
     for k, v in frozen.items():
         torch.testing.assert_close(model.state_dict()[k], v)
 

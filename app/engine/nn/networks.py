@@ -277,11 +277,12 @@ class RefineNet(nn.Module):
     """Residual field at the fine grid from (fixed, moving warped by the coarse stages), LapIRN-style.
 
     The inputs (fixed grid, ``factor`` times finer than the coarse working grid, e.g. 2 mm) are
-    folded into channels (:func:`space_to_depth`), so every convolution runs on the coarse grid;
-    a U-Net there ends in a 1x1x1 head with ``3 * factor**3`` channels unfolded
-    (:func:`depth_to_space`) into a displacement (or stationary velocity) at the fine grid. Conv
-    cost is that of a 4 mm U-Net while the field has 2 mm degrees of freedom (the smoothness loss
-    couples the sub-blocks).
+    folded into channels (:func:`space_to_depth`), so every convolution runs on the coarse grid.
+    A U-Net there (the layout of :class:`DeformableNet` with ``out_level=0``) ends in two heads
+    whose sum is the field: a smooth one (3x3x3 conv to 3 channels on the coarse grid, upsampled
+    trilinearly) and a detail one (1x1x1 conv to ``3 * factor**3`` channels unfolded by
+    :func:`depth_to_space`), so the field has fine-grid degrees of freedom at the cost of a
+    coarse-grid U-Net. Both heads start at ~0 (the identity).
 
     Parameters
     ----------
@@ -292,7 +293,7 @@ class RefineNet(nn.Module):
     int_steps : number of squarings.
     """
 
-    def __init__(self, enc=(16, 16, 32, 32), dec=(32, 32, 16, 16), factor: int = 2,
+    def __init__(self, enc=(8, 16, 32, 32), dec=(32, 32, 16, 16), factor: int = 2,
                  diffeomorphic: bool = False, int_steps: int = 6):
         super().__init__()
         enc, dec = tuple(int(c) for c in enc), tuple(int(c) for c in dec)
@@ -315,9 +316,25 @@ class RefineNet(nn.Module):
         for i in range(len(enc) - 1):
             self.up.append(_conv(cin + enc[len(enc) - 2 - i], dec[i + 1]))
             cin = dec[i + 1]
-        self.head = nn.Conv3d(cin, 3 * self.factor ** 3, 1)
-        nn.init.normal_(self.head.weight, 0.0, 1e-5)
-        nn.init.zeros_(self.head.bias)
+        self.head = nn.Conv3d(cin, 3, 3, padding=1)
+        self.detail = nn.Conv3d(cin, 3 * self.factor ** 3, 1)
+        for h in (self.head, self.detail):
+            nn.init.normal_(h.weight, 0.0, 1e-5)
+            nn.init.zeros_(h.bias)
+
+    def warm_start(self, coarse: DeformableNet) -> int:
+        """Copy the U-Net of a working-grid :class:`DeformableNet` with the same channels (its first
+        conv spread over the folded sub-voxels, divided by ``factor**3``: on the folded inputs it
+        computes what it computed on the average-pooled ones); the heads stay at ~0. Returns the
+        number of tensors copied (0 when the layouts differ)."""
+        if (coarse.config["enc"], coarse.config["dec"], coarse.out_level) != (self.config["enc"], self.config["dec"], 0):
+            return 0
+        f3 = self.factor ** 3
+        src = {k: v for k, v in coarse.state_dict().items() if not k.startswith("head.")}
+        w = src["down.0.0.weight"]                                        # (C, 2, 3, 3, 3)
+        src["down.0.0.weight"] = w.repeat_interleave(f3, dim=1) / f3     # channel c * f3 + j <- image c
+        self.load_state_dict(src, strict=False)
+        return len(src)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> FieldPrediction:
         """fixed, moving (B, 1, D, H, W) on the fine grid (sizes divisible by ``factor``) ->
@@ -334,7 +351,8 @@ class RefineNet(nn.Module):
             skip = skips[len(skips) - 2 - i]
             x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
             x = layer(torch.cat([x, skip], 1))
-        raw = depth_to_space(self.head(x), self.factor)
+        # the smooth head predicts in coarse voxels; resize_field converts them to fine voxels
+        raw = depth_to_space(self.detail(x), self.factor) + resize_field(self.head(x), fixed.shape[2:])
         disp = integrate_velocity(raw, self.int_steps) if self.diffeomorphic else raw
         return FieldPrediction(disp, raw)
 

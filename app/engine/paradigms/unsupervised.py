@@ -67,9 +67,11 @@ class UnsupervisedTrainConfig(LoopConfig):
     aug_scale: float = param(0.1, "augmentation: max relative scaling", range=(0.0, 0.5))
     aug_trans_mm: float = param(10.0, "augmentation: max translation per axis (mm)", range=(0.0, 100.0))
     aug_intensity: bool = param(True, "augmentation: random gamma, scale and noise")
-    refine_enc: str = param("16,16,32,32", "refine stage: encoder channels (level 0 on the working grid, inputs "
-                                           "folded from the 2x finer grid)")
+    refine_enc: str = param("8,16,32,32", "refine stage: encoder channels (level 0 on the working grid, inputs "
+                                          "folded from the 2x finer grid)")
     refine_dec: str = param("32,32,16,16", "refine stage: decoder channels, coarsest first (as many as refine_enc)")
+    refine_warm: bool = param(True, "refine stage: start the refinement U-Net from init's deformable U-Net when "
+                                    "their channels match (heads at zero)")
     refine_int_steps: int = param(6, "refine stage: scaling-and-squaring steps (diffeomorphic)", range=(0, 12))
     refine_crop: int = param(64, "refine stage: side of the random block of the fine grid trained per step "
                                  "(voxels, a multiple of 16; 0: whole grid)", range=(0, 1024))

@@ -311,7 +311,9 @@ class TwoStageTrainer(Trainer):
             if unexpected or any(not k.startswith("refine.") for k in missing):
                 raise ValueError(f"init {cfg.init}: its stages do not fit ({missing}, {unexpected})")
             self.prep = D.Preprocessing.from_dict(ck["preprocessing"])
-            self.inherited = {"init": {"stages_loaded": {"affine": str(cfg.init), "deformable": str(cfg.init)},
+            warm = model.refine.warm_start(model.deformable) if cfg.refine_warm else 0
+            self.inherited = {"init": {"stages_loaded": {"affine": str(cfg.init), "deformable": str(cfg.init),
+                                                         "refine_unet_from_deformable": warm},
                                        "training": {k: ck["training"].get(k) for k in
                                                     ("steps", "stage", "losses", "init", "validation")}}}
         self.fine_prep = D.fine_preprocessing(self.prep, model.refine.factor)
