@@ -42,9 +42,10 @@ GUIDE_METHODS = ("rbf", "optimise")
 
 # the image-aware method's optimiser settings (app.engine.optimise.optimise), chosen on 4 IXI TRAINING
 # pairs (weakly results, 6 worst label-centroid guides; bench/results/guidance.md): smoothness 8 rather
-# than the instance default 0.5 (which moved the held-back centroids 0.3-0.6 mm further off), and the
-# refinement tapered by a 30 mm Gaussian around the guides so that the rest of the field stays put
-OPTIMISE_DEFAULTS = {"similarity": "lncc", "smoothness": 8.0, "landmark_weight": 0.05, "levels": (4, 2),
+# than the instance default 0.5 (which moved the held-back centroids 0.3-0.6 mm further off), the
+# refinement tapered by a 30 mm Gaussian around the guides so that the rest of the field stays put, and a
+# landmark weight of 0.01 / mm^2 (0.05 pulled the guides no closer but dragged their neighbours more)
+OPTIMISE_DEFAULTS = {"similarity": "lncc", "smoothness": 8.0, "landmark_weight": 0.01, "levels": (4, 2),
                      "iterations": (60, 30), "taper_mm": 30.0}
 
 
