@@ -166,7 +166,7 @@ def test_refined_field_is_physical_on_an_oblique_anisotropic_fixed_grid(tmp_path
     and a constant 1-voxel refinement along the working z axis, T shifts every point by 2 mm along
     that axis (in LPS) on an oblique, anisotropic fixed grid, and the warped image equals SimpleITK's
     resampling of the moving image through that translation (the moving blob is moved by just that,
-    so the stage check keeps the deformable stage)."""
+    so the stage check keeps the refined stage)."""
     prep = D.Preprocessing(grid_shape=(16, 16, 16), spacing_mm=4.0, prealignment="none")
     model = _constant_refine_model((1.0, 0.0, 0.0))
     path = C.save_checkpoint(tmp_path / "r.pt", paradigm="weakly", model=model, preprocessing=prep.to_dict(),
@@ -184,7 +184,8 @@ def test_refined_field_is_physical_on_an_oblique_anisotropic_fixed_grid(tmp_path
     fixed = fixed.with_array(blob(centre))
     moving = fixed.with_array(blob(centre + step_mm))
     res = WeaklyRegistrar().register(fixed, moving, None, checkpoint=path, device="cpu")
-    assert res.checks["stage_check"]["kept"] == "deformable"
+    assert res.checks["stage_check"]["kept"] == "refined"
+    assert list(res.checks["stage_check"]["values"]) == ["start", "prealigned", "affine", "deformable", "refined"]
     pts = fixed.index_to_physical(np.array([[14, 12, 10], [10, 10, 8], [18, 9, 12]]))
     np.testing.assert_allclose(res.transform.transform_points(pts) - pts, np.tile(step_mm, (3, 1)), atol=0.02)
     ref = sitk.TranslationTransform(3, tuple(float(v) for v in step_mm))
@@ -194,6 +195,27 @@ def test_refined_field_is_physical_on_an_oblique_anisotropic_fixed_grid(tmp_path
     np.testing.assert_allclose(res.field.array[inner], np.broadcast_to(step_mm, res.field.array[inner].shape),
                                atol=0.02)
     assert _learned.load_model("weakly", path)["model"].refine is not None
+
+
+def test_a_refinement_that_makes_the_pair_worse_is_not_kept(tmp_path):
+    """The refined field is a stage of its own in the stage check: an aligned pair, a zero working-grid
+    field and a refinement that shifts everything by 3 fine voxels (6 mm): the working-grid result is kept."""
+    prep = D.Preprocessing(grid_shape=(16, 16, 16), spacing_mm=4.0, prealignment="none")
+    path = C.save_checkpoint(tmp_path / "bad.pt", paradigm="weakly", model=_constant_refine_model((3.0, 3.0, 0.0)),
+                             preprocessing=prep.to_dict(), training={})
+    shape = (24, 28, 28)
+    fixed = Volume(np.zeros(shape, np.float32), (2.0, 2.0, 2.0), (-28.0, -28.0, -24.0), np.asarray(D.IXI_DIRECTION))
+    z, y, x = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    p = fixed.index_to_physical(np.stack([x.ravel(), y.ravel(), z.ravel()], 1))
+    c = p.mean(0)
+    fixed = fixed.with_array((np.sqrt(np.sum(((p - c) / [18.0, 22.0, 16.0]) ** 2, 1)) < 1).reshape(shape)
+                             .astype(np.float32) * 100)
+    res = WeaklyRegistrar().register(fixed, fixed.with_array(fixed.array.copy()), None, checkpoint=path, device="cpu")
+    sc = res.checks["stage_check"]
+    assert sc["last"] == "refined" and sc["kept"] == "deformable" and sc["flagged"] and res.flagged
+    assert any(w.startswith("the refined stage made the pair less similar") for w in sc["worse"])
+    pts = fixed.index_to_physical(np.array([[14, 12, 10], [10, 15, 8]]))
+    np.testing.assert_allclose(res.transform.transform_points(pts), pts, atol=0.05)     # the zero coarse field
 
 
 def test_augmentations_by_hand():

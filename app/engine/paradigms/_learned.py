@@ -57,7 +57,8 @@ def run_pair(ckpt: dict, fixed: Volume, moving: Volume, device, deformable: bool
     Returns {"affine": (4, 4) physical fixed -> moving, "disp_mm": (1, 3, D, H, W) xyz mm on the
     working grid (the fine grid when the model has a refinement net) or None, "grid": that grid of
     the fixed image, "init": (4, 4) the centre-of-mass prealignment the affine net started from,
-    "timings": {...}}.
+    "disp_coarse_mm" / "coarse_grid": with a refinement net, the working-grid field before the
+    refinement (xyz mm) and its grid (else None), "timings": {...}}.
     """
     import torch
     from .. import datasets as D
@@ -82,16 +83,19 @@ def run_pair(ckpt: dict, fixed: Volume, moving: Volume, device, deformable: bool
     t1 = time.perf_counter()
     with torch.no_grad():
         out = run_two_stage(model, pair, deformable=deformable, train_affine=False)
-        disp_mm = None
+        disp_mm = coarse_mm = coarse_grid = None
         if out.field is not None and fine is not None:
             disp_mm = voxel_to_physical_field(run_refine(model, out, fine, warp=False).disp_vox, fixed_w)
+            # the working-grid field before the refinement: a stage of its own for the stage check
+            coarse_grid = D.working_grid(fixed, prep)
+            coarse_mm = voxel_to_physical_field(out.field.disp_vox, coarse_grid)
         elif out.field is not None:
             disp_mm = voxel_to_physical_field(out.field.disp_vox, fixed_w)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
     return {"affine": out.affine[0].cpu().numpy(), "disp_mm": disp_mm, "grid": fixed_w, "init": np.asarray(init, float).reshape(4, 4),
-            "timings": {"preprocess": t1 - t0, "network": t2 - t1}}
+            "disp_coarse_mm": coarse_mm, "coarse_grid": coarse_grid, "timings": {"preprocess": t1 - t0, "network": t2 - t1}}
 
 
 def field_on_fixed_grid(disp_mm, working: Volume, fixed: Volume):
@@ -169,7 +173,12 @@ def register_two_stage(key: str, fixed: Volume, moving: Volume, params, *, check
     # never silently worse than the input: every stage measured on the fixed grid, the better kept
     s0 = start or Transform.identity()
     stages = [("start", s0), ("prealigned", s0.then(affine_to_transform(res["init"]))), ("affine", s0.then(t_aff))]
-    stages += [("deformable", transform)] if res["disp_mm"] is not None else []
+    if res.get("disp_coarse_mm") is not None:      # a refinement net: deformable (working grid), then refined
+        g, uc = res["coarse_grid"], res["disp_coarse_mm"][0].permute(1, 2, 3, 0).float().cpu().numpy()
+        u_c = field_to_transform(Volume(uc, g.spacing, g.origin, g.direction.copy(), "deformable"))
+        stages += [("deformable", s0.then(t_aff.then(u_c))), ("refined", transform)]
+    elif res["disp_mm"] is not None:
+        stages += [("deformable", transform)]
     kept, checks, warnings = guard_learned(fixed, moving, stages, ckpt, checkpoints.checkpoint_id(ckpt).split("@")[0])
     if kept != stages[-1][0]:
         transform = dict(stages)[kept]
