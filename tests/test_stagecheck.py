@@ -197,3 +197,14 @@ def test_supervised_results_carry_the_check(demo):
     assert list(sc["values"]) == ["start", "prealigned", "affine"] and sc["kept"] in sc["values"]
     assert sc["values"]["affine"] > sc["values"]["start"]          # a native-space IXI pair: the pose helps
     assert res.flagged == sc["flagged"]
+
+
+def test_batch_rows_and_summary_carry_the_flag():
+    from app.engine.evaluation import _flat_row, summarize
+    m = {"before": {}, "dice_mean": 0.5, "flagged": True, "warnings": ["stage check: a", "input unlike b"]}
+    row = _flat_row("f.nii.gz", "m.nii.gz", m)
+    assert row["flagged"] is True and row["warnings"] == "stage check: a | input unlike b"
+    plain = _flat_row("f.nii.gz", "m2.nii.gz", {"before": {}, "dice_mean": 0.7})
+    assert plain["flagged"] is False and plain["warnings"] == ""
+    s = summarize([row, plain])
+    assert s["flagged"] == 1 and s["with_warnings"] == 1 and s["dice_mean"] == pytest.approx(0.6)
