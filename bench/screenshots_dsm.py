@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     assert w.load_pair(DATA / "T1.nii.gz", tmp / "T2_moved.nii.gz")
     st = w.state
     t0 = time.perf_counter()
+    w.registration_panel.run_failed.connect(lambda *args: print("run failed:", *args))
     _register(w, app, {}, key="dsm")
     if st.result is None or st.similarity_map is None:
         print("no result / no similarity map")

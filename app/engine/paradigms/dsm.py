@@ -222,7 +222,7 @@ def agreement_map(net, fixed: Volume, moving: Volume, transform: Transform, spac
     -------
     Volume ``(z, y, x)`` on the fixed grid (its spacing, origin, direction; LPS), P(correspond) in
     [0, 1]; NaN where no patch of the working grid fits (the image border) and on the fixed
-    background (intensity <= 5 % of the [min, p99] range).
+    background (working-grid intensity <= 5 % of its [min, p99] range).
     """
     import SimpleITK as sitk
     from ..datasets import normalize_intensity
@@ -239,11 +239,12 @@ def agreement_map(net, fixed: Volume, moving: Volume, transform: Transform, spac
     r = net.patch // 2
     valid = np.zeros(prob.shape, bool)
     valid[tuple(slice(r, n - r) for n in prob.shape)] = True
-    prob = np.where(valid & np.isfinite(prob), prob, -1.0).astype(np.float32)
+    # a scored block reaches past the head's edge: keep the map on the fixed foreground only (decided on
+    # the smoothed working grid: the native grid's interpolation ringing can put its minimum far below 0)
+    prob = np.where(valid & np.isfinite(prob) & (f_n > 0.05), prob, -1.0).astype(np.float32)
     img = fixed_w.with_array(prob).to_sitk(sitk.sitkFloat32)
     on_fixed = sitk.Resample(img, fixed.to_sitk(sitk.sitkFloat32), sitk.Transform(), sitk.sitkNearestNeighbor,
                              -1.0, sitk.sitkFloat32)
     a = sitk.GetArrayFromImage(on_fixed)
-    # a scored block reaches past the head's edge: keep the map on the fixed foreground only
-    a[(a < 0) | (normalize_intensity(fixed.array) <= 0.05)] = np.nan
+    a[a < 0] = np.nan
     return fixed.with_array(a.astype(np.float32), f"dsm agreement ({fixed.name})")
