@@ -8,6 +8,14 @@ untouched. ``T`` maps fixed points to moving points exactly (``fixed(x) = T1(T(x
 aligned voxel for voxel), so the error of an estimate ``E`` is ``mean |E(x) - T(x)|`` over the
 fixed image's brain points (T1 > 0, skull-stripped data). Success: error < 2 mm.
 
+Runs of record (issue 11, ``bench/results/multimodal.md`` and ``multimodal_wide.md``)::
+
+    OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 nice -n 10 .venv/bin/python bench/bench_multimodal.py \
+        --per-band 4 --spacing 2 --bands 10:10,20:20 --methods after --out bench/results/multimodal.md
+    OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 nice -n 10 .venv/bin/python bench/bench_multimodal.py \
+        --per-band 3 --spacing 2 --subjects patient19 --bands 30:30,45:40 --methods dsm,mi_adam,after \
+        --out bench/results/multimodal_wide.md
+
 Every method sees the same cases (``make_cases`` with a fixed seed) in one run::
 
     OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 nice -n 10 \\
