@@ -73,11 +73,12 @@ def _cases(a):
     if a.split == "train":
         tr = D.load_split()["train"]
         rows = []
-        for i in range(a.pairs):
+        for i in range(a.skip + a.pairs):
             (f, fl), (m, ml) = D.ixi_paths(tr[2 * i]), D.ixi_paths(tr[2 * i + 1])
             rows.append({"fixed": f, "moving": m, "fixed_labels": fl, "moving_labels": ml})
+        rows = rows[a.skip:]
     else:
-        rows = io.read_pairs_csv(a.csv)[:a.pairs]
+        rows = io.read_pairs_csv(a.csv)[a.skip:a.skip + a.pairs]
     for pair in rows:
         fixed, moving = io.read_volume(pair["fixed"]), io.read_volume(pair["moving"])
         yield {"name": Path(pair["fixed"]).name[:6] + "-" + Path(pair["moving"]).name[:6], "fixed": fixed,
@@ -95,6 +96,7 @@ def split_guides(err: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=6)
+    ap.add_argument("--skip", type=int, default=0, help="start after this many pairs of the list")
     ap.add_argument("--split", choices=("test", "train"), default="test")
     ap.add_argument("--paradigm", default="weakly")
     ap.add_argument("--methods", default="rbf,optimise", help=f"comma-separated, of {', '.join(GUIDE_METHODS)}")

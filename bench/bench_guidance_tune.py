@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--taper", default="0,15,30")
     ap.add_argument("--landmark-weight", type=float, default=0.05)
     a = ap.parse_args()
-    a.split, a.synthetic, a.csv = "train", False, None
+    a.split, a.synthetic, a.csv, a.skip = "train", False, None, 0
     for pair in _cases(a):
         fixed, moving, fl, ml = pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"]
         cf, cm = centroids(fl), centroids(ml)
