@@ -197,8 +197,10 @@ def _print_checks(m: dict) -> None:
     for prefix, c in per.items():
         sc = (c or {}).get("stage_check") if isinstance(c, dict) else None
         if sc:
-            vals = " -> ".join(f"{k} {v:.3f}" for k, v in sc["values"].items())
-            print(f"{prefix}stage check ({sc['metric']} on the fixed grid): {vals}; kept {sc['kept']}"
+            ov = sc.get("overlap") or {}
+            vals = " -> ".join(f"{k} {v:.3f}" + (f"/{ov[k]:.3f}" if k in ov else "") for k, v in sc["values"].items())
+            what = sc["metric"] + (" / foreground overlap" if ov else "")
+            print(f"{prefix}stage check ({what} on the fixed grid): {vals}; kept {sc['kept']}"
                   + (" (WORSE than its input: not the full result)" if sc.get("flagged") else ""))
     if m.get("flagged"):
         print("RESULT FLAGGED: a learned stage made the pair less similar than its input; "
