@@ -32,6 +32,22 @@ def _check_pair(fixed: torch.Tensor, moving: torch.Tensor) -> None:
                          f"and {tuple(moving.shape)}")
 
 
+def _unet_features(x: torch.Tensor, down: nn.ModuleList, bottom: nn.Module, up: nn.ModuleList) -> torch.Tensor:
+    """The U-Net body shared by :class:`DeformableNet` and :class:`RefineNet`: the encoder levels
+    (kept as skips), the bottom conv, then each decoder conv on the upsampled features concatenated
+    with the skip of its level. Returns the last decoder level's features."""
+    skips = []
+    for layer in down:
+        x = layer(x)
+        skips.append(x)
+    x = bottom(x)
+    for i, layer in enumerate(up):
+        skip = skips[len(skips) - 2 - i]
+        x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        x = layer(torch.cat([x, skip], 1))
+    return x
+
+
 class FieldPrediction(NamedTuple):
     """Output of :class:`DeformableNet`.
 
@@ -91,15 +107,7 @@ class DeformableNet(nn.Module):
         """fixed, moving (B, 1, D, H, W) on the same grid -> :class:`FieldPrediction`."""
         _check_pair(fixed, moving)
         x = torch.cat([fixed, moving], 1)
-        skips = []
-        for layer in self.down:
-            x = layer(x)
-            skips.append(x)
-        x = self.bottom(x)
-        for i, layer in enumerate(self.up):
-            skip = skips[len(skips) - 2 - i]
-            x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
-            x = layer(torch.cat([x, skip], 1))
+        x = _unet_features(x, self.down, self.bottom, self.up)
         raw_own = self.head(x)                                     # voxels of its own grid
         # Express in voxels of the input grid (the head's grid is 2**out_level coarser), then
         # integrate at the coarse resolution (cheap) and upsample.
@@ -342,15 +350,7 @@ class RefineNet(nn.Module):
         diffeomorphic, else the displacement)."""
         _check_pair(fixed, moving)
         x = torch.cat([space_to_depth(fixed, self.factor), space_to_depth(moving, self.factor)], 1)
-        skips = []
-        for layer in self.down:
-            x = layer(x)
-            skips.append(x)
-        x = self.bottom(x)
-        for i, layer in enumerate(self.up):
-            skip = skips[len(skips) - 2 - i]
-            x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
-            x = layer(torch.cat([x, skip], 1))
+        x = _unet_features(x, self.down, self.bottom, self.up)
         # the smooth head predicts in coarse voxels; resize_field converts them to fine voxels
         raw = depth_to_space(self.detail(x), self.factor) + resize_field(self.head(x), fixed.shape[2:])
         disp = integrate_velocity(raw, self.int_steps) if self.diffeomorphic else raw
