@@ -291,6 +291,10 @@ def test_refine_stage_trains_through_the_loop(tmp_path):
     assert ck["preprocessing"]["grid_shape"] == [18, 24, 24]
     assert {"dice", "dice_coarse", "fold_fraction"} <= set(ck["training"]["validation"])
     assert ck["training"]["augmentation"]["skullstrip"] == 0.5
+    # trained with and without skull: the checkpoint says so, and a skull-stripped input is no surprise
+    from app.engine.expectations import expectations
+    assert expectations(ck)["skull"] is None
+    assert expectations(C.load_checkpoint(first["path"], "weakly", kinds=("two_stage",)))["skull"] is True
     for k, v in first["model"].state_dict().items():
         torch.testing.assert_close(ck["model"].state_dict()[k], v)
     with pytest.raises(ValueError, match="needs init"):

@@ -418,10 +418,20 @@ class TwoStageTrainer(Trainer):
     def preprocessing(self):
         return self.prep.to_dict()
 
+    def expects(self) -> dict:
+        """What the training images looked like, for :func:`app.engine.expectations.expectations`:
+        IXI T1 heads; ``skull`` None (either) when the refine stage stripped skulls at random."""
+        from ..expectations import KNOWN_DATA
+        exp = dict(KNOWN_DATA["IXI T1"])
+        if self.stage == "refine" and self.cfg.aug_skullstrip > 0:
+            exp.update(skull=None, data="IXI T1 heads, with and without skull (augmented)")
+        return exp
+
     def record(self):
         cfg, weakly = self.cfg, self.weakly
         return {
             **self.inherited,
+            "expects": self.expects(),
             "data": f"IXI T1 (DLMUSE labels), {len(self.names)} training subjects of {cfg.split}",
             "split": str(cfg.split), "train_subjects": len(self.names), "val_pairs": len(self.val_pairs),
             "stage": self.stage,
