@@ -27,8 +27,10 @@ matching, Otsu fixed mask, diffeomorphic demons; reproduced with explicit parame
 current defaults (``modality=auto``); ``iterative_rigid`` = the current defaults, rigid stage only;
 ``dsm`` = the learned similarity (bundled checkpoint or ``--checkpoint``) maximised by the torch
 optimiser (Adam, rigid, levels 2,1 of a 2 mm grid); ``mi_adam`` = the same optimiser, grid and
-stages with mutual information instead (``dsm --param similarity=mi``). ``dsm`` was trained on
-patient07 and the glioma subject: compare it on ``--subjects patient19`` only.
+stages with mutual information instead (``dsm --param similarity=mi``). ``dsm_bundled`` = ``dsm`` with the
+bundled checkpoint whatever ``--checkpoint`` names (old and new checkpoints in one run).
+``--dsm-params`` gives the dsm-paradigm methods the same extra parameters (e.g. a coarser pyramid).
+``dsm`` was trained on patient07 and the glioma subject: compare it on ``--subjects patient19`` only.
 """
 from __future__ import annotations
 
@@ -98,15 +100,16 @@ METHODS = {
     "iterative_rigid": ("iterative", {"stages": "rigid"}),
     "dsm": ("dsm", {"similarity_map": False}),   # the registration alone (the map is timed apart)
     "mi_adam": ("dsm", {"similarity": "mi"}),
+    "dsm_bundled": ("dsm", {"similarity_map": False}),   # the bundled checkpoint whatever --checkpoint says
 }
 
 
-def run_method(name: str, fixed: Volume, moving: Volume, checkpoint=None):
+def run_method(name: str, fixed: Volume, moving: Volume, checkpoint=None, dsm_params: dict | None = None):
     from app.engine import paradigms
     key, overrides = METHODS[name]
     reg = paradigms.get(key)
-    p = paradigms.make_params(reg.Params, dict(overrides))
-    kw = {"checkpoint": checkpoint} if key == "dsm" and checkpoint else {}
+    p = paradigms.make_params(reg.Params, {**dict(overrides), **(dsm_params or {} if key == "dsm" else {})})
+    kw = {"checkpoint": checkpoint} if key == "dsm" and checkpoint and name != "dsm_bundled" else {}
     if key == "dsm":
         kw["device"] = "cpu"
     t0, c0 = time.perf_counter(), time.process_time()
@@ -126,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", default="", help="draw the cases from the subjects whose name contains this "
                     "text only (e.g. patient19: the subject dsm never saw in training)")
     ap.add_argument("--checkpoint", default="", help="dsm checkpoint (default: the bundled one)")
+    ap.add_argument("--dsm-params", default="", help="parameters given to both dsm-paradigm methods alike "
+                    "(dsm and mi_adam: same optimiser, levels, patches), e.g. 'levels=4,2,1;iterations=40,40,30'")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the .jsonl next to --out")
     args = ap.parse_args(argv)
     if args.report_only:
@@ -139,6 +144,7 @@ def main(argv=None) -> int:
     bands = tuple(tuple(float(x) for x in b.split(":")) for b in args.bands.split(","))
     cases = make_cases(subjects, per_band=args.per_band, bands=bands, seed=args.seed)
     methods = args.methods.split(",")
+    dsm_params = dict(kv.split("=", 1) for kv in args.dsm_params.split(";") if kv.strip())
     cache: dict = {}
     rows = []
     jsonl = Path(args.out).with_suffix(".jsonl")
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
             from app.engine.types import Transform
             start = mean_point_error(Transform.identity(), truth, points)
             for m in methods:
-                res, secs, cpu = run_method(m, fixed, moving, args.checkpoint or None)
+                res, secs, cpu = run_method(m, fixed, moving, args.checkpoint or None, dsm_params)
                 err = mean_point_error(res.transform, truth, points)
                 chosen = res.params.get("chosen", {})
                 row = {"method": m, "subject": case.subject, "band": case.band, "band_label": case.label,
@@ -170,7 +176,9 @@ def write_report(rows, methods, args, out: Path) -> None:
              f"Command: `OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 nice -n 10 .venv/bin/python "
              f"bench/bench_multimodal.py --per-band {args.per_band} --spacing {args.spacing} --seed {args.seed}"
              f"{' --bands ' + args.bands if getattr(args, 'bands', '10:10,20:20,30:30') != '10:10,20:20,30:30' else ''}"
-             f"{' --subjects ' + args.subjects if args.subjects else ''} --methods {args.methods}`",
+             f"{' --subjects ' + args.subjects if args.subjects else ''} --methods {args.methods}"
+             f"{' --checkpoint ' + args.checkpoint if getattr(args, 'checkpoint', '') else ''}"
+             f"{' --dsm-params ' + repr(args.dsm_params) if getattr(args, 'dsm_params', '') else ''}`",
              "",
              f"{len(rows) // max(len(methods), 1)} cases ({args.per_band} per band), fixed = T1 through a known random "
              f"rigid transform, moving = T2 / FLAIR / T1POST (MS) or t2 / flair / t1c (glioma), images at "

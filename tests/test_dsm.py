@@ -117,7 +117,7 @@ def test_a_few_training_steps_lower_the_loss():
     _, t1, _ = tr._draw(np.random.default_rng(1), tr.train_sets, False, offset=(0, 1, 0))
     assert t0 == 1.0 and 0.5 < t1 < 0.7 and not d0.any()
     val = tr.validate()
-    assert set(val) == {"loss", "rank1", "rank3", "auc"}
+    assert set(val) == {"loss", "rank1", "rank3", "grade", "auc"}
 
 
 def test_random_lut_maps_into_unit_range():

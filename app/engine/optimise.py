@@ -586,6 +586,60 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
                           folded=bool(linear and folded), iterations_run=ran)
 
 
+def similarity_profile(fixed: Volume, moving: Volume, matrices, *, similarity: str,
+                       sim_options: Optional[dict] = None, level: int = 1, percentile: Optional[float] = 99.0,
+                       device="cpu") -> np.ndarray:
+    """The similarity loss :func:`optimise` would see at each of the given linear transforms.
+
+    The landscape of a similarity (e.g. a 1D sweep of rotation) evaluated through the optimiser's own
+    pipeline: intensities clipped to ``[min, percentile]`` and scaled to [0, 1], the fixed grid
+    box-averaged by the shrink factor ``level`` (the moving image by the same factor on its own
+    grid), the moving image sampled once through each transform (zeros outside). A stochastic
+    similarity is rebuilt for every transform from the same ``sim_options`` (``dsm``: the same seed,
+    so the same patch centres at every transform: the profile compares like with like).
+
+    Parameters
+    ----------
+    fixed, moving : Volume (z, y, x), each on its own grid (LPS)
+    matrices : (N, 4, 4) array-like
+        Homogeneous physical maps (xyz LPS mm), fixed points -> moving points.
+    similarity : a name of :mod:`app.engine.nn.similarity` (``'mi'``, ``'dsm'``, ...)
+    level : shrink factor of the fixed grid (one pyramid level of :func:`optimise`)
+
+    Returns
+    -------
+    (N,) float64 losses (lower is better).
+    """
+    mats = np.asarray(matrices, float).reshape(-1, 4, 4)
+    if not np.all(np.isfinite(mats)):
+        raise ValueError("similarity_profile: the matrices contain NaN or infinite values")
+    _check_image(fixed, "fixed")
+    _check_image(moving, "moving")
+    if int(level) < 1:
+        raise ValueError(f"level must be a shrink factor >= 1, got {level!r}")
+    dev = resolve_device(device)
+    from .datasets import normalize_intensity
+    norm = (lambda a: normalize_intensity(a, percentile)) if percentile is not None else (lambda a: a)
+    f_t = _tensor(norm(fixed.array), dev)
+    m_t = _tensor(norm(moving.array), dev)
+    full, mfull = tuple(f_t.shape[2:]), tuple(m_t.shape[2:])
+    lshape = tuple(max(4, int(round(s / level))) for s in full)
+    mshape = tuple(max(4, int(round(s / level))) for s in mfull)
+    f_l, m_l = _downsample(f_t, lshape), _downsample(m_t, mshape)
+    gf_l = grid_matrix(fixed) @ _level_scale(full, lshape)
+    gm_l_inv = np.linalg.inv(grid_matrix(moving) @ _level_scale(mfull, mshape))
+    out = np.empty(len(mats))
+    with torch.no_grad():
+        for i, m in enumerate(mats):
+            sim = get_similarity(similarity, **(sim_options or {}))
+            if hasattr(sim, "bind"):
+                sim = sim.bind(f_t, m_t)
+            k = torch.as_tensor(gm_l_inv @ m @ gf_l, dtype=torch.float64, device=dev)
+            warped = sample_through(m_l, k[None], lshape, padding_mode="zeros")
+            out[i] = float(sim(f_l, warped))
+    return out
+
+
 def warp_moving(result: OptimiseResult, fixed: Volume, moving: Volume, padding_mode: str = "itk") -> Volume:
     """``moving`` warped onto ``fixed``'s grid by ``result``'s model with the optimiser's torch sampler.
 

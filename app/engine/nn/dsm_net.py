@@ -120,25 +120,61 @@ def sample_centres(mask: torch.Tensor, n: int, patch: int, generator: Optional[t
     return cand[idx]
 
 
+def lattice_centres(mask: torch.Tensor, n: int, patch: int) -> torch.Tensor:
+    """A regular lattice of at most ``n`` voxel centres (N, 3) zyx inside ``mask`` (D, H, W bool) and
+    ``patch // 2`` from the borders: the smallest stride whose lattice (centred on the grid) has no
+    more than ``n`` points in the mask; falls back to the grid's centre voxel when none is in it."""
+    r = patch // 2
+    m = mask.reshape(mask.shape[-3:])
+    if min(m.shape) <= 2 * r:
+        raise ValueError(f"the grid {tuple(m.shape)} is smaller than a patch of {patch} voxels")
+    inner = torch.zeros_like(m)
+    inner[r:m.shape[0] - r, r:m.shape[1] - r, r:m.shape[2] - r] = True
+    ok = m & inner
+    for stride in range(1, max(m.shape) + 1):
+        axes = []
+        for ax, size in enumerate(m.shape):
+            span = size - 2 * r                      # valid centres r .. size - r - 1
+            k = (span - 1) // stride
+            start = r + (span - 1 - k * stride) // 2
+            axes.append(torch.arange(start, size - r, stride, device=m.device))
+        zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+        pts = torch.stack([zz.reshape(-1), yy.reshape(-1), xx.reshape(-1)], 1)
+        keep = pts[ok[pts[:, 0], pts[:, 1], pts[:, 2]]]
+        if len(keep) <= n:
+            if len(keep):
+                return keep
+            break
+    return torch.tensor([[s // 2 for s in m.shape]], device=m.device)
+
+
 class DsmSimilarity:
     """The learned similarity as a *loss* for the optimiser (lower is better).
 
     ``loss(fixed, warped) = mean over patches of softplus(-logit)`` (the binary cross-entropy of
-    "corresponds"), over ``patches`` random patch centres inside the fixed foreground, drawn anew
-    at every call (stochastic: use Adam).
+    "corresponds"), over ``patches`` patch centres inside the fixed foreground: drawn anew at random
+    at every call (``sampling='random'``: stochastic, use Adam), or a regular lattice covering the
+    foreground (``'lattice'``: the same centres at every call, a deterministic landscape whose
+    gradient keeps its direction between iterations, so Adam takes full steps).
 
     Parameters
     ----------
     net : DsmNet (or a path to a dsm checkpoint)
-    patches : patch centres per call
+    patches : patch centres per call (at most, for the lattice)
     foreground : fixed intensity (in [0, 1]) above which a voxel may be a centre
     seed : seed of the centre sampling
+    sampling : 'random' or 'lattice'
     """
 
     name = "dsm"
     labels = False
 
-    def __init__(self, net=None, patches: int = 256, foreground: float = 0.1, seed: int = 0):
+    def __init__(self, net=None, patches: int = 256, foreground: float = 0.1, seed: int = 0,
+                 sampling: str = "random"):
+        if sampling not in ("random", "lattice"):
+            raise ValueError(f"dsm patch sampling must be 'random' or 'lattice', got {sampling!r}")
+        self.sampling = sampling
+        self._lattice: dict = {}
         if net is None or isinstance(net, (str,)) or hasattr(net, "__fspath__"):
             from ..paradigms._learned import load_model
             net = load_model("dsm", net, kinds=("dsm",))["model"]
@@ -165,7 +201,14 @@ class DsmSimilarity:
         fg = fixed.detach().reshape(fixed.shape[-3:]) > self.foreground
         if mask is not None:
             fg = fg & (mask.reshape(mask.shape[-3:]) > 0)
-        centres = sample_centres(fg, self.patches, self.net.patch, self.generator)
+        if self.sampling == "lattice":
+            # the fixed image of a level does not change during an optimisation: one lattice per level
+            key = (tuple(fg.shape), int(fg.sum()))
+            if key not in self._lattice:
+                self._lattice[key] = lattice_centres(fg, self.patches, self.net.patch)
+            centres = self._lattice[key]
+        else:
+            centres = sample_centres(fg, self.patches, self.net.patch, self.generator)
         return F.softplus(-self.scores(fixed, warped, centres)).mean()
 
 

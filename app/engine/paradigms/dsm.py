@@ -43,6 +43,9 @@ class DsmParams:
     iterations: str = param("40,30", "Adam iterations per level (one number, or one per level)")
     affine_iterations: int = param(30, "Adam iterations of the affine stage (finest level)", range=(1, 5000))
     patches: int = param(96, "random patches scored per iteration", range=(8, 65536))
+    patch_sampling: str = param("random", "patch centres: random ones drawn anew every iteration, or a regular "
+                                "lattice over the fixed foreground (at most `patches`, the same every iteration: "
+                                "a deterministic landscape, full Adam steps)", choices=("random", "lattice"))
     learning_rate: float = param(1.0, "Adam step (mm; rotations scaled to mm at the head's radius)",
                                  range=(1e-3, 20.0))
     prealign: str = param("center_of_mass", "start: centres of mass onto each other, or as the images lie",
@@ -66,6 +69,13 @@ class DsmTrainConfig(LoopConfig):
     channels: str = param("8,16,32", "channels of the three conv blocks")
     spacing_mm: str = param("2,4", "isotropic spacings the patches are cut at (mm), one per pyramid level")
     max_offset: int = param(8, "largest displacement of a negative patch (voxels per axis)", range=(3, 32))
+    target_sigma: str = param("1", "width (voxels) of the soft target exp(-msd / 2 sigma^2), one number or one "
+                              "per spacing: wider at a coarse spacing grades the score over larger misalignments")
+    rotate_fraction: float = param(0.0, "share of displaced samples whose moving patch is also rotated about "
+                                   "its centre (target from the mean squared displacement of its voxels)",
+                                   range=(0.0, 1.0))
+    max_rotation_deg: float = param(45.0, "largest rotation of a rotated moving patch (degrees)",
+                                    range=(0.0, 180.0))
     multimodal_root: str = param("/work/shared/data/multimodal", "folder of aligned multimodal subjects")
     train_subjects: str = param("ms_cross_sectional_patient07,brats_tcga_du_7294",
                                 "aligned subjects trained on (comma separated folder names)")
@@ -133,7 +143,7 @@ class DsmRegistrar:
         if p.similarity == "dsm":
             ckpt = load_model(self.key, checkpoint, kinds=self.network_kinds)
             spacing = float(min(ckpt["preprocessing"].get("spacing_mm", [2.0])))
-            opts = {"net": ckpt["model"], "patches": p.patches, "seed": p.seed}
+            opts = {"net": ckpt["model"], "patches": p.patches, "seed": p.seed, "sampling": p.patch_sampling}
         else:
             ckpt, spacing, opts = None, 2.0, {}
         decision = modality.detect(fixed, moving, "auto", initial)

@@ -11,11 +11,18 @@ scaled to [0, 1] (what :func:`app.engine.optimise.optimise` feeds the similarity
   random non-monotone intensity remapping (a smooth random look-up table).
 
 A sample (``sample``): a set, a scale, two different contrasts A and B, a centre ``c`` inside A's
-foreground, an integer voxel offset ``d`` (zero a third of the time, small ``|d_i| <= 2`` a third,
-large ``3 <= |d|_inf <= max_offset`` a third); the input is the pair of patches (A at ``c``, B at
-``c + d``) and the target is ``exp(-|d|^2 / (2 sigma^2))`` (``sigma = 1`` voxel): 1 when the
-patches correspond, falling off smoothly with the displacement, so the learned score peaks at
-alignment and has a slope around it. Loss: binary cross-entropy with logits on those soft targets.
+foreground (A's patch inside A's grid), an integer voxel offset ``d`` (zero a third of the time,
+small ``|d_i| <= 2`` a third, large ``3 <= |d|_inf <= max_offset`` a third) and, for a share
+``rotate_fraction`` of the displaced samples, a rotation ``R`` (random axis, angle up to
+``max_rotation_deg``); the input is the pair of patches A at ``c + o`` and B at ``c + d + R o``
+for the patch offsets ``o`` (B zero outside its grid, as a warped moving image is; linear
+interpolation when rotated). The target is ``exp(-msd / (2 sigma^2))`` with ``msd`` the mean squared
+displacement of the patch's voxels, ``|d|^2 + mean |(R - I) o|^2`` (``|d|^2`` for a translation),
+and ``sigma`` (voxels) per scale (``target_sigma``, 1 by default): 1 when the patches correspond,
+falling off smoothly with the misalignment, so the learned score peaks at alignment and has a
+slope around it; a wider ``sigma`` at a coarse scale keeps the slope over larger misalignments
+(graded targets: the score regresses how far off the patches are, Haskins et al. 2019). Loss: binary
+cross-entropy with logits on those soft targets.
 
 Validation (``validate``, held-out ``val_subjects``): the loss on a fixed set of samples; ``rank1``
 and ``rank3``: how often the aligned patch pair scores higher than the same centre displaced by 1 or
@@ -40,7 +47,7 @@ from .loop import Trainer
 
 log = logging.getLogger(__name__)
 
-SIGMA_VOX = 1.0
+SIGMA_VOX = 1.0    # the default soft-target width (voxels; ``target_sigma``)
 
 
 def _ints(text) -> list[int]:
@@ -83,6 +90,40 @@ def random_lut(rng: np.random.Generator, knots: int = 6):
     return lambda a: np.interp(a, xs, ys).astype(np.float32)
 
 
+def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """A (3, 3) rotation about a uniformly random axis by an angle uniform in (0, max_deg] degrees."""
+    from scipy.spatial.transform import Rotation
+    axis = rng.normal(size=3)
+    axis /= max(np.linalg.norm(axis), 1e-12)
+    return Rotation.from_rotvec(axis * np.deg2rad(rng.uniform(0.0, float(max_deg)))).as_matrix()
+
+
+def patch_msd(offset, rotation, patch: int) -> float:
+    """Mean squared displacement (voxels^2) of a patch's voxels moved by ``c + o -> c + offset + R o``."""
+    r = patch // 2
+    o = np.stack(np.meshgrid(*[np.arange(-r, r + 1)] * 3, indexing="ij"), -1).reshape(-1, 3).astype(float)
+    rot = np.eye(3) if rotation is None else np.asarray(rotation, float)
+    disp = o @ (rot - np.eye(3)).T
+    return float((np.asarray(offset, float) ** 2).sum() + (disp ** 2).sum(1).mean())
+
+
+def cut_patch(image: np.ndarray, centre, offset, rotation, patch: int) -> np.ndarray:
+    """The (P, P, P) patch of ``image`` at ``centre + offset + R o`` (zyx voxels; zero outside the grid).
+
+    An unrotated patch inside the grid is a plain slice (exact); otherwise linear interpolation.
+    """
+    r = patch // 2
+    c = np.asarray(centre, int) + np.asarray(offset, int)
+    if rotation is None and all(c[i] - r >= 0 and c[i] + r < image.shape[i] for i in range(3)):
+        return image[c[0] - r:c[0] + r + 1, c[1] - r:c[1] + r + 1, c[2] - r:c[2] + r + 1]
+    from scipy.ndimage import map_coordinates
+    o = np.stack(np.meshgrid(*[np.arange(-r, r + 1)] * 3, indexing="ij"), -1).reshape(-1, 3).astype(float)
+    if rotation is not None:
+        o = o @ np.asarray(rotation, float).T
+    pts = (o + c).T
+    return map_coordinates(image, pts, order=1, mode="constant", cval=0.0).reshape(patch, patch, patch)
+
+
 class DsmLoss(nn.Module):
     """Binary cross-entropy of the correspondence logit against soft targets."""
 
@@ -104,6 +145,7 @@ class DsmTrainer(Trainer):
         self.scales = _floats(cfg.spacing_mm)
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"spacing_mm must list positive spacings like 2,4, got {cfg.spacing_mm!r}")
+        self._sigma(0)          # target_sigma checked against the scales before any data is read
         root = Path(cfg.multimodal_root)
         self.train_sets = self._load_sets(root, cfg.train_subjects, progress)
         self.val_sets = self._load_sets(root, cfg.val_subjects, progress) if cfg.val_subjects else []
@@ -158,12 +200,23 @@ class DsmTrainer(Trainer):
         return sorted({f for f in map(modality_from_name, names) if f})
 
     # ------------------------------------------------------------------ sampling
+    def _sigma(self, scale_index: int) -> float:
+        """Soft-target width (voxels) at scale ``scale_index`` (``target_sigma``: one number or one per scale)."""
+        sig = _floats(getattr(self.cfg, "target_sigma", "1") or "1")
+        if len(sig) not in (1, len(self.scales)) or min(sig) <= 0:
+            raise ValueError(f"target_sigma must be one positive width or one per spacing ({len(self.scales)}), "
+                             f"got {self.cfg.target_sigma!r}")
+        return float(sig[scale_index] if len(sig) > 1 else sig[0])
+
     def _draw(self, rng: np.random.Generator, sets: list[dict], synthetic: bool, kind: str | None = None,
-              offset=None):
-        """One (pair (2, P, P, P) float32, target, offset (3,) voxels zyx) sample; ``offset`` forces d."""
+              offset=None, rotation=None, scale: int | None = None):
+        """One (pair (2, P, P, P) float32, target, offset (3,) voxels zyx) sample; ``offset`` forces d
+        (no rotation unless ``rotation`` (3, 3) is given), ``scale`` forces the scale index."""
         cfg = self.cfg
         p, r = cfg.patch, cfg.patch // 2
         si = int(rng.integers(len(self.scales)))
+        if scale is not None:
+            si = int(scale)
         s = sets[int(rng.integers(len(sets)))]["scales"][si]
         if synthetic:
             base = s["T1"]
@@ -187,20 +240,26 @@ class DsmTrainer(Trainer):
             d = rng.integers(-big, big + 1, 3)
             while np.abs(d).max() < 3:
                 d = rng.integers(-big, big + 1, 3)
-        margin = r + big
+        rot = None if rotation is None else np.asarray(rotation, float)
+        share = float(getattr(cfg, "rotate_fraction", 0.0))
+        if rotation is None and offset is None and kind != "zero" and share > 0 and rng.random() < share:
+            rot = random_rotation(rng, float(getattr(cfg, "max_rotation_deg", 45.0)))
+        # the fixed patch lies inside its grid (as the optimiser's patches do); the moving one may
+        # reach outside its grid, where it is zero (as a warped moving image is)
         shape = np.array(a.shape)
-        fg = a[margin:shape[0] - margin, margin:shape[1] - margin, margin:shape[2] - margin] > 0.1
+        fg = a[r:shape[0] - r, r:shape[1] - r, r:shape[2] - r] > 0.1
         idx = np.argwhere(fg)
         if len(idx) == 0:
             raise ValueError(f"an image of {sets[0]['name']} is too small for patches of {p} voxels")
-        c = idx[int(rng.integers(len(idx)))] + margin
-        cb = c + d
+        c = idx[int(rng.integers(len(idx)))] + r
         pa = a[c[0] - r:c[0] + r + 1, c[1] - r:c[1] + r + 1, c[2] - r:c[2] + r + 1]
-        pb = b[cb[0] - r:cb[0] + r + 1, cb[1] - r:cb[1] + r + 1, cb[2] - r:cb[2] + r + 1]
+        pb = cut_patch(b, c, d, rot, p)
         if cfg.aug_intensity:
             pa = np.clip(pa, 0, 1) ** rng.uniform(0.7, 1.4)
             pb = np.clip(pb, 0, 1) ** rng.uniform(0.7, 1.4)
-        target = float(np.exp(-float((d ** 2).sum()) / (2 * SIGMA_VOX ** 2)))
+        sigma = self._sigma(si)
+        msd = float((d ** 2).sum()) if rot is None else patch_msd(d, rot, p)
+        target = float(np.exp(-msd / (2 * sigma ** 2)))
         return np.stack([pa, pb]).astype(np.float32), target, d
 
     def sample(self, step, rng, step_rng):
@@ -242,6 +301,21 @@ class DsmTrainer(Trainer):
                     lg = self.model(torch.as_tensor(np.stack([pr0, pr1]), device=self.device))
                     wins += int(lg[0] > lg[1])
                 out[name] = wins / n
+            # graded: the same centre displaced by 2 and by 5 voxels along one axis, on the coarsest scale;
+            # a score that still falls beyond a few voxels ranks the nearer pair higher (a wider basin)
+            wins = 0
+            n = 64
+            coarse = int(np.argmax(self.scales))
+            for k in range(n):
+                e = np.zeros(3, int)
+                e[k % 3] = 1 if k % 2 else -1
+                pr2, _, _ = self._draw(np.random.default_rng(2000 + k), self.val_sets, False, offset=2 * e,
+                                       scale=coarse)
+                pr5, _, _ = self._draw(np.random.default_rng(2000 + k), self.val_sets, False, offset=5 * e,
+                                       scale=coarse)
+                lg = self.model(torch.as_tensor(np.stack([pr2, pr5]), device=self.device))
+                wins += int(lg[0] > lg[1])
+            out["grade"] = wins / n
             pos = [self._draw(rng, self.val_sets, False, kind="zero")[0] for _ in range(64)]
             neg = [self._draw(rng, self.val_sets, False, kind="large")[0] for _ in range(64)]
             lp = self.model(torch.as_tensor(np.stack(pos), device=self.device)).float().cpu().numpy()
@@ -254,9 +328,12 @@ class DsmTrainer(Trainer):
         cfg = self.cfg
         return {"data": {"multimodal_train": cfg.train_subjects, "multimodal_val": cfg.val_subjects,
                          "ixi_synthetic": [s["name"] for s in self.ixi_sets]},
-                "loss": "BCE with logits on soft targets exp(-|d|^2/2) (d voxels)",
+                "loss": (f"BCE with logits on soft targets exp(-msd / 2 sigma^2) (msd: mean squared voxel "
+                         f"displacement of the patch), sigma {cfg.target_sigma} voxels at {cfg.spacing_mm} mm"),
                 "offsets": f"zero / small (|d_i| <= 2) / large (3..{cfg.max_offset}) voxels, one third each",
+                "rotations": (f"{cfg.rotate_fraction:.0%} of displaced samples rotated up to "
+                              f"{cfg.max_rotation_deg:g} deg" if cfg.rotate_fraction > 0 else "none"),
                 "augmentation": "gamma 0.7-1.4 per patch" if cfg.aug_intensity else "none"}
 
     def summary(self, val: dict) -> str:
-        return " ".join(f"{k} {val[k]:.3f}" for k in ("loss", "rank1", "rank3", "auc") if k in val)
+        return " ".join(f"{k} {val[k]:.3f}" for k in ("loss", "rank1", "rank3", "grade", "auc") if k in val)

@@ -1,0 +1,191 @@
+"""dsm's wider basin: graded / rotated training targets, the similarity profile through the optimiser's
+pipeline (physical space kept), the coarse pyramid level, the landscape's peak on a held-out pair."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from app.engine import paradigms
+from app.engine.nn.dsm_net import DsmNet
+from app.engine.optimise import similarity_profile
+from app.engine.training.dsm import DsmTrainer, cut_patch, patch_msd, random_rotation
+from app.engine.types import Volume
+
+BUNDLED = Path(__file__).resolve().parents[1] / "resources" / "checkpoints" / "dsm.pt"
+HELD_OUT = Path("/work/shared/data/multimodal/ms_cross_sectional_patient19")
+
+
+def test_cut_patch_is_a_slice_inside_and_zero_outside_the_grid():
+    a = np.random.default_rng(0).random((12, 13, 14)).astype(np.float32)
+    p = cut_patch(a, (6, 6, 7), (1, -2, 0), None, 5)
+    assert np.array_equal(p, a[5:10, 2:7, 5:10])
+    # reaching past the border: the inside part is the image, the outside is zero (a warped moving image)
+    q = cut_patch(a, (6, 6, 7), (0, 0, 6), None, 5)
+    assert q.shape == (5, 5, 5)
+    assert np.allclose(q[:, :, :2], a[4:9, 4:9, 11:13]) and not q[:, :, 3:].any()
+
+
+def test_cut_patch_rotates_about_the_patch_centre():
+    # a linear ramp along z: rotating the sampling 90 deg about x turns the z-gradient into a y-gradient
+    z = np.arange(21, dtype=np.float32)[:, None, None]
+    a = np.broadcast_to(z, (21, 21, 21)).copy()
+    rot = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])   # (z, y, x): o -> (-o_y, o_z, o_x)
+    p = cut_patch(a, (10, 10, 10), (0, 0, 0), rot, 5)
+    o = np.arange(-2, 3)
+    assert np.allclose(p, 10.0 - o[None, :, None] + 0 * o[:, None, None], atol=1e-5)
+
+
+def test_patch_msd_is_the_squared_offset_for_translations_and_grows_with_rotation():
+    assert patch_msd((1, 2, 0), None, 9) == pytest.approx(5.0)
+    rng = np.random.default_rng(1)
+    r_small = random_rotation(np.random.default_rng(2), 5.0)
+    r = random_rotation(rng, 40.0)
+    assert np.allclose(r @ r.T, np.eye(3)) and np.linalg.det(r) == pytest.approx(1.0)
+    assert 0 < patch_msd((0, 0, 0), r_small, 9) < patch_msd((0, 0, 0), r, 9) + 1e-9
+    # 90 deg about one axis moves a voxel at offset o by sqrt(2) |o_perp|: mean |o_perp|^2 = 2 * (r (r+1) / 3)
+    rot = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert patch_msd((0, 0, 0), rot, 5) == pytest.approx(2 * 2 * (2 * 3 / 3))
+
+
+def _trainer(cfg_over):
+    from scipy.ndimage import gaussian_filter
+    tex = gaussian_filter(np.random.default_rng(0).normal(size=(30, 30, 30)), 1.5)
+    t1 = ((tex - tex.min()) / (tex.max() - tex.min()) * 0.8 + 0.15).astype(np.float32)
+    cfg = paradigms.make_params(paradigms.registrar_class("dsm").TrainConfig,
+                                {"out": "x.pt", "patch": 9, "channels": "4,8,8", "max_offset": 6,
+                                 "batch_size": 8, "aug_intensity": False, **cfg_over})
+    tr = DsmTrainer("dsm", cfg, torch.device("cpu"))
+    tr.scales = [2.0, 8.0]
+    tr.train_sets = [{"name": "toy", "scales": [{"T1": t1, "T2": 1.1 - t1}, {"T1": t1, "T2": 1.1 - t1}]}]
+    tr.val_sets = tr.train_sets
+    tr.ixi_sets = []
+    tr.model = DsmNet(9, (4, 8, 8))
+    return tr
+
+
+def test_graded_targets_are_wider_at_the_coarse_scale_and_rotations_lower_them():
+    tr = _trainer({"target_sigma": "1,3"})
+    d = (0, 3, 0)
+    _, fine, _ = tr._draw(np.random.default_rng(0), tr.train_sets, False, offset=d, scale=0)
+    _, coarse, _ = tr._draw(np.random.default_rng(0), tr.train_sets, False, offset=d, scale=1)
+    assert fine == pytest.approx(np.exp(-9 / 2)) and coarse == pytest.approx(np.exp(-9 / 18))
+    rot = random_rotation(np.random.default_rng(3), 30.0)
+    _, t_rot, _ = tr._draw(np.random.default_rng(0), tr.train_sets, False, offset=(0, 0, 0), rotation=rot, scale=1)
+    assert t_rot == pytest.approx(np.exp(-patch_msd((0, 0, 0), rot, 9) / 18)) and t_rot < 1.0
+    # a share of the displaced samples is rotated
+    tr = _trainer({"rotate_fraction": 1.0, "max_rotation_deg": 30.0})
+    targets = [tr._draw(np.random.default_rng(k), tr.train_sets, False, kind="small")[1] for k in range(20)]
+    plain = [tr._draw(np.random.default_rng(k), tr.train_sets, False,
+                      offset=tr._draw(np.random.default_rng(k), tr.train_sets, False, kind="small")[2])[1]
+             for k in range(20)]
+    assert sum(t < p - 1e-9 for t, p in zip(targets, plain)) >= 15
+    with pytest.raises(ValueError, match="target_sigma"):
+        _trainer({"target_sigma": "1,2,3"})._sigma(0)
+
+
+def oblique_volume(seed=0) -> Volume:
+    from scipy.ndimage import gaussian_filter
+    d = np.array(sitk.VersorTransform((0.3, 1, 0.2), 0.4).GetMatrix()).reshape(3, 3)
+    a = gaussian_filter(np.random.default_rng(seed).random((26, 30, 28)), 2.0)
+    a = (a - a.min()) / (a.max() - a.min())
+    return Volume(a.astype(np.float32), (2.2, 1.8, 2.6), (-20.0, 14.0, 7.0), d, "blob")
+
+
+def test_similarity_profile_keeps_physical_space():
+    # the moving image is the fixed one on another (shifted, oblique) grid: the true map is the identity
+    # in physical space, so the profile over physical translations is lowest at zero
+    from app.engine.nn.geometry import grid_centre
+    fixed = oblique_volume()
+    d = np.array(sitk.VersorTransform((1, 0.2, 0.1), 0.3).GetMatrix()).reshape(3, 3)
+    origin = grid_centre(fixed) - d @ np.full(3, 63 * 2.0 / 2)      # a 128 mm oblique box around the fixed image
+    moving_img = sitk.Resample(fixed.to_sitk(sitk.sitkFloat32), [64, 64, 64], sitk.Transform(), sitk.sitkLinear,
+                               tuple(origin), (2.0, 2.0, 2.0), tuple(d.reshape(-1)), 0.0)
+    moving = Volume.from_sitk(moving_img, "moving")
+    shifts = np.linspace(-8, 8, 9)
+    mats = []
+    for s in shifts:
+        m = np.eye(4)
+        m[:3, 3] = (s, 0.5 * s, 0.0)
+        mats.append(m)
+    loss = similarity_profile(fixed, moving, mats, similarity="ncc")
+    assert int(np.argmin(loss)) == 4 and loss[4] < loss[0] - 0.05 and loss[4] < loss[-1] - 0.05
+    coarse = similarity_profile(fixed, moving, mats, similarity="ncc", level=2)
+    assert int(np.argmin(coarse)) == 4
+    with pytest.raises(ValueError, match="NaN"):
+        similarity_profile(fixed, moving, [np.full((4, 4), np.nan)], similarity="ncc")
+
+
+def test_the_dsm_levels_drop_a_coarse_level_that_cannot_hold_a_patch():
+    # a small field of view: the 8 mm level of a 2 mm grid is under one patch; it is dropped with a warning
+    from app.engine.checkpoints import save_checkpoint  # noqa: F401  (the registrar loads through it)
+    fixed = oblique_volume()
+    reg = paradigms.get("dsm")
+    p = paradigms.make_params(reg.Params, {"levels": "4,2,1", "iterations": "2", "patches": 8,
+                                           "similarity_map": False})
+    net = DsmNet(9, (4, 8, 8))
+    ckpt = {"model": net, "preprocessing": {"spacing_mm": [2.0, 4.0, 8.0]}}
+    import app.engine.paradigms._learned as learned
+    orig = learned.load_model
+    learned.load_model = lambda *a, **k: ckpt
+    try:
+        res = reg.register(fixed, fixed.with_array(1.0 - fixed.array, "inv"), p, device="cpu")
+    finally:
+        learned.load_model = orig
+    assert any("levels [4] dropped" in w for w in res.warnings), res.warnings
+
+
+needs_bundle = pytest.mark.skipif(not (BUNDLED.exists() and HELD_OUT.is_dir()),
+                                  reason="bundled dsm checkpoint or held-out data not available")
+
+
+@needs_bundle
+def test_rotation_sweep_of_the_learned_similarity_peaks_at_alignment_on_a_held_out_pair():
+    from bench.sweep_dsm import rotation_about
+    from app.engine import io
+    from app.engine.datasets import center_of_mass
+    from app.engine.paradigms._learned import load_model
+    from app.engine.training.dsm import to_isotropic
+    net = load_model("dsm", BUNDLED, kinds=("dsm",))["model"]
+    fixed = to_isotropic(io.read_volume(HELD_OUT / "T1.nii.gz"), 4.0)
+    moving = to_isotropic(io.read_volume(HELD_OUT / "T2.nii.gz"), 4.0)
+    c = center_of_mass(fixed)
+    angles = (-20.0, -10.0, 0.0, 10.0, 20.0)
+    mats = [rotation_about(c, 2, a) for a in angles]
+    loss = similarity_profile(fixed, moving, mats, similarity="dsm",
+                              sim_options={"net": net, "patches": 128, "seed": 0}, level=1)
+    assert int(np.argmin(loss)) == 2, loss
+    assert loss[2] < loss[0] - 0.05 and loss[2] < loss[-1] - 0.05, loss
+
+
+def test_lattice_centres_cover_the_mask_evenly_and_stay_inside():
+    from app.engine.nn.dsm_net import lattice_centres
+    m = torch.zeros((23, 28, 23), dtype=torch.bool)
+    m[3:20, 4:24, 3:20] = True
+    c = lattice_centres(m, 96, 17)
+    assert 0 < len(c) <= 96 and bool(m[c[:, 0], c[:, 1], c[:, 2]].all())
+    assert int(c.min()) >= 8 and all(int(c[:, i].max()) <= m.shape[i] - 9 for i in range(3))
+    # one stride on every axis: the lattice is regular
+    for i in range(3):
+        steps = np.diff(np.unique(c[:, i].numpy()))
+        assert len(set(steps.tolist())) <= 1
+    assert len(lattice_centres(torch.zeros((20, 20, 20), dtype=torch.bool), 10, 7)) == 1
+    with pytest.raises(ValueError, match="smaller than a patch"):
+        lattice_centres(m, 96, 25)
+
+
+def test_lattice_sampling_is_deterministic_and_differentiable():
+    from app.engine.nn.dsm_net import DsmSimilarity
+    net = DsmNet(9, (4, 8, 8))
+    f = torch.rand(1, 1, 24, 24, 24)
+    w = torch.rand(1, 1, 24, 24, 24, requires_grad=True)
+    lat = DsmSimilarity(net, patches=30, foreground=0.0, sampling="lattice")
+    a, b = lat(f, w), lat(f, w)
+    assert float(a) == float(b)
+    a.backward()
+    assert float(w.grad.abs().sum()) > 0
+    rnd = DsmSimilarity(net, patches=30, foreground=0.0)
+    assert float(rnd(f, w)) != float(rnd(f, w))
+    with pytest.raises(ValueError, match="lattice"):
+        DsmSimilarity(net, sampling="grid")
