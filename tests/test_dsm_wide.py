@@ -182,10 +182,24 @@ def test_lattice_sampling_is_deterministic_and_differentiable():
     w = torch.rand(1, 1, 24, 24, 24, requires_grad=True)
     lat = DsmSimilarity(net, patches=30, foreground=0.0, sampling="lattice")
     a, b = lat(f, w), lat(f, w)
-    assert float(a) == float(b)
+    assert float(a.detach()) == float(b.detach())
     a.backward()
     assert float(w.grad.abs().sum()) > 0
     rnd = DsmSimilarity(net, patches=30, foreground=0.0)
-    assert float(rnd(f, w)) != float(rnd(f, w))
+    assert float(rnd(f, w).detach()) != float(rnd(f, w).detach())
     with pytest.raises(ValueError, match="lattice"):
         DsmSimilarity(net, sampling="grid")
+
+
+def test_coarse_learning_rate_runs_the_first_level_apart_and_mi_gets_the_same_schedule():
+    fixed = oblique_volume()
+    moving = fixed.with_array(1.0 - fixed.array, "inverted")
+    reg = paradigms.get("dsm")
+    hist = {}
+    for extra in ({}, {"coarse_learning_rate": 3.0}):
+        p = paradigms.make_params(reg.Params, {"similarity": "mi", "levels": "2,1", "iterations": "4,3", **extra})
+        res = reg.register(fixed, moving, p, device="cpu")
+        hist[bool(extra)] = res.history
+        assert res.transform.kind == "rigid" and len(res.history) == 7
+    # the first level's steps differ (3 mm vs 1 mm), so the paths differ
+    assert hist[True][3]["loss"] != hist[False][3]["loss"]

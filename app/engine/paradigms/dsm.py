@@ -41,6 +41,10 @@ class DsmParams:
                             choices=("dsm", "mi"))
     levels: str = param("2,1", "pyramid shrink factors of the working grid, coarse to fine")
     iterations: str = param("40,30", "Adam iterations per level (one number, or one per level)")
+    coarse_learning_rate: float = param(0.0, "Adam step (mm) of the first (coarsest) level when there are several; "
+                                        "0: learning_rate. A larger step there lets the coarse level travel "
+                                        "farther in its iterations (a wider capture range at the same cost)",
+                                        range=(0.0, 20.0))
     affine_iterations: int = param(30, "Adam iterations of the affine stage (finest level)", range=(1, 5000))
     patches: int = param(96, "random patches scored per iteration", range=(8, 65536))
     patch_sampling: str = param("random", "patch centres: random ones drawn anew every iteration, or a regular "
@@ -181,11 +185,19 @@ class DsmRegistrar:
         n_aff = p.affine_iterations if "affine" in stages else 0
         total = sum(iters) + n_aff
         t0 = time.perf_counter()
-        r = optimise(fixed_w, moving, "rigid", initial=start, similarity=p.similarity, sim_options=opts,
-                     levels=levels, iterations=iters, optimizer="adam", lr=p.learning_rate, percentile=99.0,
-                     progress=progress, cancel=cancel, device=device, stage="rigid",
-                     fraction=(0.0, sum(iters) / total))
-        history = list(r.history)
+        # the coarsest level may take larger steps (coarse_learning_rate); then the others from its result
+        split = 1 if p.coarse_learning_rate > 0 and len(levels) > 1 else 0
+        history = []
+        for lv, it, lr, done in ((levels[:split], iters[:split], p.coarse_learning_rate, 0),
+                                 (levels[split:], iters[split:], p.learning_rate, sum(iters[:split]))):
+            if not lv:
+                continue
+            r = optimise(fixed_w, moving, "rigid", initial=start, similarity=p.similarity, sim_options=opts,
+                         levels=lv, iterations=it, optimizer="adam", lr=lr, percentile=99.0,
+                         progress=progress, cancel=cancel, device=device, stage="rigid",
+                         fraction=(done / total, (done + sum(it)) / total))
+            history += list(r.history)
+            start = r.transform
         timings["rigid"] = time.perf_counter() - t0
         transform = r.transform
         if n_aff:
