@@ -525,33 +525,35 @@ def _linear_stage(run: _Run, stage: str, f_img, m_img, mask, previous: Transform
             tx = _rigid_search(run, f_img, m_img, mask, tx)
     else:
         tx.SetCenter(_centre(f_img, mask))
-    reg = sitk.ImageRegistrationMethod()
-    _set_metric(reg, p)
-    if mask is not None:
-        reg.SetMetricFixedMask(mask)
-    reg.SetInterpolator(sitk.sitkLinear)
-    # regular-step descent: measured far more reliable here than plain gradient descent
-    # with an estimated learning rate, which stalled after a few iterations per level
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4,
-                                                 numberOfIterations=p.linear_iterations,
-                                                 relaxationFactor=0.5, gradientMagnitudeTolerance=1e-10)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel(run.levels)
-    reg.SetSmoothingSigmasPerLevel(_sigmas(run.levels))
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    if previous.kind != "identity":
-        reg.SetMovingInitialTransform(previous.itk)
+    def method(levels) -> sitk.ImageRegistrationMethod:
+        """The linear stage's registration method over the pyramid ``levels``, starting at ``tx``."""
+        reg = sitk.ImageRegistrationMethod()
+        _set_metric(reg, p)
+        if mask is not None:
+            reg.SetMetricFixedMask(mask)
+        reg.SetInterpolator(sitk.sitkLinear)
+        # regular-step descent: measured far more reliable here than plain gradient descent
+        # with an estimated learning rate, which stalled after a few iterations per level
+        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4,
+                                                     numberOfIterations=p.linear_iterations,
+                                                     relaxationFactor=0.5, gradientMagnitudeTolerance=1e-10)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel(list(levels))
+        reg.SetSmoothingSigmasPerLevel(_sigmas(list(levels)))
+        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+        if previous.kind != "identity":
+            reg.SetMovingInitialTransform(previous.itk)
+        reg.SetInitialTransform(tx, inPlace=True)
+        return reg
+
     kind = "rigid" if stage == "rigid" else "affine"
     run.last_start = Transform(tx.__class__(tx), kind)   # a copy: the optimiser changes tx in place
-    reg.SetInitialTransform(tx, inPlace=True)
     if not (stage == "affine" and p.early_stop == "on" and p.linear_guard and len(run.levels) > 1):
-        _execute(run, reg, stage, f_img, m_img)
+        _execute(run, method(run.levels), stage, f_img, m_img)
         return Transform(tx, kind)
     # early stop: the coarsest level alone first; the finer levels only when it improved the metric over all
     # voxels of the finest level (the guard's test); else the start is returned (the guard keeps it)
-    reg.SetShrinkFactorsPerLevel(run.levels[:1])
-    reg.SetSmoothingSigmasPerLevel(_sigmas(run.levels[:1]))
-    iteration = _execute(run, reg, stage, f_img, m_img)
+    iteration = _execute(run, method(run.levels[:1]), stage, f_img, m_img)
     v0 = _cached_value(run, f_img, m_img, mask, previous)
     v1 = _metric_value(run, f_img, m_img, mask, previous, tx)
     if not v1 < v0 - 1e-6 * max(1.0, abs(v0)):
@@ -560,22 +562,7 @@ def _linear_stage(run: _Run, stage: str, f_img, m_img, mask, previous: Transform
                     f"{v1:.4f}): the finer levels are skipped")
         return run.last_start
     for level in range(1, len(run.levels)):
-        reg = sitk.ImageRegistrationMethod()
-        _set_metric(reg, p)
-        if mask is not None:
-            reg.SetMetricFixedMask(mask)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4,
-                                                     numberOfIterations=p.linear_iterations,
-                                                     relaxationFactor=0.5, gradientMagnitudeTolerance=1e-10)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([run.levels[level]])
-        reg.SetSmoothingSigmasPerLevel(_sigmas([run.levels[level]]))
-        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-        if previous.kind != "identity":
-            reg.SetMovingInitialTransform(previous.itk)
-        reg.SetInitialTransform(tx, inPlace=True)
-        iteration = _execute(run, reg, stage, f_img, m_img, iteration, level)
+        iteration = _execute(run, method([run.levels[level]]), stage, f_img, m_img, iteration, level)
     return Transform(tx, kind)
 
 
