@@ -8,7 +8,7 @@
     main.py convert INPUT OUTPUT [--dtype TYPE]
 
 Batch options: ``--workers N`` (local processes), ``--dask-scheduler ADDRESS|local:N``, ``--threads N``
-(per running pair), ``--resume``.
+(per running pair), ``--resume``, ``--pair-timeout S`` (a pair running past S seconds becomes a failed row).
 
 Errors print one line (``error: ...``) on stderr and exit with status 1 (2 for usage errors);
 Ctrl+C cancels cleanly (status 130) without leaving partial files. A batch whose every pair ran
@@ -93,6 +93,9 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per running pair (default: cores // workers; 1 per Dask task)")
     g.add_argument("--resume", action="store_true",
                    help="skip pairs already finished in --out (same paradigm, parameters and inputs)")
+    g.add_argument("--pair-timeout", type=float, default=0.0, metavar="S",
+                   help="stop a pair that runs past S seconds and report it as failed (timed out); the batch "
+                        "goes on (default 0: no limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +234,8 @@ def _run_batch(a, mode: str) -> int:
         raise ValueError(f"{a.pairs} lists no pairs")
     if a.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {a.workers}")
+    if not a.pair_timeout >= 0:
+        raise ValueError(f"--pair-timeout must be >= 0 seconds, got {a.pair_timeout}")
     from tqdm import tqdm
     where = f"dask {a.dask_scheduler}" if a.dask_scheduler else f"{a.workers} worker{'s' * (a.workers > 1)}"
     bar = tqdm(total=len(pairs), desc=f"{mode} [{a.paradigm}, {where}]", unit="pair", file=sys.stderr,
@@ -252,7 +257,7 @@ def _run_batch(a, mode: str) -> int:
                                   device=a.device, out_dir=a.out, mode=mode, workers=a.workers,
                                   dask_scheduler=a.dask_scheduler, threads=a.threads, resume=a.resume,
                                   measure_options=measure, cancel=_cancel_event(),
-                                  on_result=on_result)
+                                  on_result=on_result, timeout_s=a.pair_timeout)
     except KeyboardInterrupt:
         _CANCEL.set()
         raise Cancelled(f"cancelled by the user; finished pairs are kept in {a.out}/pairs "
@@ -356,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "register":
         batch = [o for o, v in (("--workers", args.workers != 1), ("--dask-scheduler", args.dask_scheduler),
-                                ("--threads", args.threads), ("--resume", args.resume)) if v]
+                                ("--threads", args.threads), ("--resume", args.resume),
+                                ("--pair-timeout", args.pair_timeout)) if v]
         if args.pairs and (args.fixed or args.moving):
             parser.error("register takes FIXED MOVING or --pairs PAIRS.csv, not both")
         if not args.pairs and not (args.fixed and args.moving):

@@ -304,3 +304,47 @@ def test_missing_dask_is_a_clear_error(cohort6, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(ImportError, match="regstation\\[cluster\\]"):
         cohort.run_batch(read_pairs_csv(cohort6)[:2], "iterative", FAST_PARAMS, dask_scheduler="local:2")
+
+
+def test_a_pair_past_the_time_limit_becomes_a_timed_out_row_and_the_batch_goes_on(tmp_path):
+    pairs = read_pairs_csv(make_cohort(tmp_path / "data", 3))
+    slow = {"iterations": "100000", "levels": "1"}           # instance: minutes per pair without a limit
+    t0 = time.monotonic()
+    rows, summary = cohort.run_batch(pairs, "instance", slow, device="cpu", out_dir=tmp_path / "out",
+                                     threads=1, timeout_s=1.0)
+    assert time.monotonic() - t0 < 60
+    assert [r["error"] for r in rows] == ["timed out: stopped after the per-pair time limit of 1 s"] * 3
+    assert summary["failed"] == 3 and not list((tmp_path / "out" / "pairs").iterdir())
+    # a limit the pairs stay within changes nothing
+    rows, summary = cohort.run_batch(pairs, "iterative", FAST_PARAMS, out_dir=tmp_path / "ok", threads=1,
+                                     timeout_s=120)
+    assert summary["failed"] == 0 and all(r["dice_mean"] > r["before_dice_mean"] for r in rows[1:])
+
+
+def test_the_time_limit_does_not_hide_a_user_cancel(tmp_path):
+    import threading
+    from app.engine.types import Cancelled
+    pairs = read_pairs_csv(make_cohort(tmp_path / "data", 1))
+    job = cohort.make_jobs(pairs, "instance", {"iterations": "100000", "levels": "1"}, device="cpu",
+                           timeout_s=30)[0]
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    with pytest.raises(Cancelled):
+        cohort.run_pair(job, cancel=stop)
+    d = cohort.Deadline(0.05)
+    assert not d.is_set() and (time.sleep(0.1) or d.is_set()) and d.expired
+    with pytest.raises(ValueError, match="time limit"):
+        cohort.make_jobs(pairs, "instance", timeout_s=-1)
+
+
+def test_cli_pair_timeout(tmp_path):
+    pairs = make_cohort(tmp_path / "data", 2)
+    r = run("evaluate", "--pairs", pairs, "--paradigm", "instance", "--out", tmp_path / "out", "--threads", "1",
+            "--device", "cpu", "--param", "iterations=100000", "--param", "levels=1", "--pair-timeout", "1",
+            "--no-progress")
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" not in r.stderr and "2 of 2 pairs failed" in r.stderr
+    assert all("timed out" in x["error"] for x in table(tmp_path / "out"))
+    r = run("evaluate", "--pairs", pairs, "--paradigm", "iterative", "--out", tmp_path / "o2", "--pair-timeout", "-1",
+            *FAST)
+    assert r.returncode != 0 and "--pair-timeout must be >= 0" in r.stderr

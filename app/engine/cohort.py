@@ -74,6 +74,8 @@ class PairJob:
     threads : CPU threads of the process running the pair (0: leave as they are).
     fingerprint : hash of what determines the result (see :func:`job_fingerprint`).
     measure_options : extra keyword arguments of ``register_and_measure``.
+    timeout_s : a time limit for the pair in seconds (0: none); a pair that runs past it is stopped at
+        its next cancellation check and reported as failed ("timed out"), the batch goes on.
     """
 
     index: int
@@ -88,6 +90,25 @@ class PairJob:
     threads: int = 0
     fingerprint: str = ""
     measure_options: dict = field(default_factory=dict)
+    timeout_s: float = 0.0
+
+
+class Deadline:
+    """A cancel flag (duck-typed ``threading.Event.is_set``) that is also set once ``seconds`` have passed
+    since it was made, or when ``outer`` (the batch's cancel event) is set: the per-pair time limit, checked
+    wherever the engine checks for cancellation (every optimiser iteration, between stages)."""
+
+    def __init__(self, seconds: float, outer: Optional[threading.Event] = None):
+        self.seconds = float(seconds)
+        self.outer = outer
+        self.end = time.monotonic() + self.seconds
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() > self.end
+
+    def is_set(self) -> bool:
+        return (self.outer is not None and self.outer.is_set()) or self.expired
 
 
 def _params_json(params) -> Any:
@@ -158,8 +179,10 @@ def pair_ids(pairs: list[dict]) -> list[str]:
 
 def make_jobs(pairs: list[dict], paradigm: str, params=None, *, checkpoint=None, device: str = "auto",
               mode: str = "evaluate", out_dir=None, threads: int = 0,
-              measure_options: Optional[dict] = None) -> list[PairJob]:
+              measure_options: Optional[dict] = None, timeout_s: float = 0.0) -> list[PairJob]:
     """PairJobs for the rows of a manifest (in manifest order)."""
+    if not timeout_s >= 0:
+        raise ValueError(f"the per-pair time limit must be >= 0 seconds, got {timeout_s!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "register" and out_dir is None:
@@ -169,7 +192,8 @@ def make_jobs(pairs: list[dict], paradigm: str, params=None, *, checkpoint=None,
     mo = dict(measure_options or {})
     return [PairJob(index=i, pair_id=ids[i], pair=dict(p), paradigm=paradigm, params=params, checkpoint=ck,
                     device=device, mode=mode, out_dir=None if out_dir is None else str(out_dir), threads=threads,
-                    fingerprint=job_fingerprint(mode, p, paradigm, params, ck, mo), measure_options=mo)
+                    fingerprint=job_fingerprint(mode, p, paradigm, params, ck, mo), measure_options=mo,
+                    timeout_s=float(timeout_s))
             for i, p in enumerate(pairs)]
 
 
@@ -304,6 +328,9 @@ def run_pair(job: PairJob, progress: Optional[ProgressFn] = None,
     t0 = time.perf_counter()
     configure_threads(job.threads)
     cached = False
+    outer = cancel
+    if job.timeout_s > 0:
+        cancel = Deadline(job.timeout_s, outer)
     try:
         check_cancel(cancel)
         fixed, fixed_labels, cached = _fixed_cached(job.pair)
@@ -324,7 +351,9 @@ def run_pair(job: PairJob, progress: Optional[ProgressFn] = None,
         if job.out_dir is not None:
             _write_pair(job, record, result)
     except Cancelled:
-        raise
+        if not (isinstance(cancel, Deadline) and cancel.expired and not (outer is not None and outer.is_set())):
+            raise
+        record = error_record(job, f"timed out: stopped after the per-pair time limit of {job.timeout_s:g} s")
     except Exception as e:  # noqa: BLE001 - one bad pair must not stop the batch
         record = error_record(job, error_message(e))
     record.update(resumed=False, pid=os.getpid(), fixed_from_cache=cached, wall_s=time.perf_counter() - t0)
@@ -525,7 +554,7 @@ def run_batch(pairs: list[dict], paradigm: str, params=None, *, checkpoint=None,
               progress: Optional[ProgressFn] = None, cancel: Optional[threading.Event] = None,
               on_result: Optional[Callable[[dict, dict], None]] = None,
               pair_fn: Callable[[PairJob], dict] = run_pair,
-              rewrite_every_s: float = 2.0) -> tuple[list[dict], dict]:
+              rewrite_every_s: float = 2.0, timeout_s: float = 0.0) -> tuple[list[dict], dict]:
     """Register (and measure) every pair of a manifest; failures become rows, never exceptions.
 
     Parameters
@@ -558,6 +587,9 @@ def run_batch(pairs: list[dict], paradigm: str, params=None, *, checkpoint=None,
         Called in the caller's process after each pair (``counts``: done, failed, resumed, total).
     pair_fn : callable
         The per-pair function (a top-level function, picklable by reference); tests replace it.
+    timeout_s : float
+        Time limit per pair in seconds (0: none): a pair past it stops at its next cancellation check
+        and becomes a failed row ("timed out"); the batch goes on (:class:`Deadline`).
 
     Returns
     -------
@@ -584,7 +616,7 @@ def run_batch(pairs: list[dict], paradigm: str, params=None, *, checkpoint=None,
         executor = "in process"
     n_threads = threads if threads is not None else default_threads
     jobs = make_jobs(pairs, paradigm, params, checkpoint=checkpoint, device=device, mode=mode, out_dir=out_dir,
-                     threads=n_threads, measure_options=measure_options)
+                     threads=n_threads, measure_options=measure_options, timeout_s=timeout_s)
     if out_dir is not None:
         pdir = Path(out_dir) / PAIR_DIR
         pdir.mkdir(parents=True, exist_ok=True)
