@@ -38,7 +38,10 @@ class FakeAgentRegistrar:
             pose = (float(i), 0.0, 0.0, 0.0, -0.5 * i, 0.0)
             history.append({"stage": "agent", "iteration": i, "action": "+tx", "pose": list(pose)})
             if progress:
-                progress(Progress("agent", i, params.steps, fraction=i / params.steps, pose=pose))
+                preview = np.full((6, 8), float(i), np.float32) if i % 5 == 0 else None
+                if preview is not None:
+                    preview[:, : min(i // 5, 8)] = -1.0        # the dark part grows with the step
+                progress(Progress("agent", i, params.steps, fraction=i / params.steps, pose=pose, preview=preview))
             time.sleep(0.002)
         history.append({"stage": "agent_end", "iteration": params.steps, "converged": True})
         t = Transform(sitk.TranslationTransform(3, (float(params.steps), 0.0, 0.0)), "rigid")
@@ -65,4 +68,13 @@ def test_the_panel_plots_the_six_pose_parameters_per_step(qtbot, monkeypatch):
     assert xs == [float(i) for i in range(1, 31)] and tx == xs          # every step, even if progress was throttled
     assert curves[4][1] == [-0.5 * i for i in range(1, 31)]
     assert panel.loss_curve_data() == ([], [])
+    # the live preview showed the moving image through the pose as it went
+    assert not panel.preview_view.isHidden() and panel.preview_count() >= 1
+    shown = panel.preview_image.image
+    assert shown.shape == (6, 8) and shown.min() == -1.0 and shown.max() % 5 == 0
+    assert "step" in panel.preview_caption.text()
     qtbot.waitUntil(lambda: not workers.default_engine().busy, timeout=10000)
+    # a new run starts without the old preview; a bad preview (not 2D) is ignored, not a crash
+    panel._show_preview(np.zeros((2, 2, 2)), 1)
+    panel._reset_preview()
+    assert panel.preview_view.isHidden() and panel.preview_count() == 0

@@ -141,3 +141,31 @@ def test_deformation_grid_identity_is_straight():
     g = spatial.deformation_grid(v.with_array(np.zeros((*v.shape, 3), np.float32)), every_vox=4)
     assert g.array[:, :, 0].min() == pytest.approx(1.0)  # x index 0 is a grid line
     assert g.array[1:3, 1:3, 1:3].max() == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("perm, flips", [((0, 1, 2), (1, 1, 1)), ((2, 0, 1), (1, -1, 1)), ((1, 2, 0), (-1, 1, -1)),
+                                         ((0, 2, 1), (-1, -1, -1))])
+def test_axial_slice_reads_like_the_axial_view_whatever_the_grid_axes(perm, flips):
+    """A marker at the patient's right-anterior of an axial plane lands top-left, whatever the index axes."""
+    from app.engine.spatial import axial_slice
+    direction = np.zeros((3, 3))
+    for idx_axis, (phys, sign) in enumerate(zip(perm, flips)):
+        direction[phys, idx_axis] = sign               # index axis idx_axis runs along physical axis phys
+    shape_xyz = (7, 9, 11)
+    arr = np.zeros(shape_xyz[::-1], np.float32)
+    ref = Volume(arr, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), direction)
+    # the corner voxel that is most right (-x) and most anterior (-y), at the middle height
+    corners = np.array([[i, j, k] for i in (0, shape_xyz[0] - 1) for j in (0, shape_xyz[1] - 1)
+                        for k in (0, shape_xyz[2] - 1)], float)
+    sup_axis = int(np.argmax(np.abs(direction[2])))
+    mid = np.array(shape_xyz, float) // 2
+    pts = corners.copy()
+    pts[:, sup_axis] = mid[sup_axis]
+    phys = ref.index_to_physical(pts)
+    target = pts[np.argmin(phys[:, 0] + phys[:, 1])].astype(int)        # smallest x + y: right-anterior
+    arr[target[2], target[1], target[0]] = 1.0
+    out = axial_slice(arr, direction)
+    assert out.shape[0] * out.shape[1] * shape_xyz[sup_axis] == arr.size
+    assert out[0, 0] == 1.0 and out.sum() == 1.0
+    with pytest.raises(ValueError, match="3D"):
+        axial_slice(arr[0], direction)

@@ -127,6 +127,37 @@ def deformation_grid(field: Volume, every_vox: int = 6, thickness: int = 1) -> V
 
 
 # --------------------------------------------------------------------------- torch side
+def axial_slice(array_zyx: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """The middle axial slice of a 3D array on a grid with ``direction`` (3x3, columns = the physical
+    LPS directions of the x, y, z index axes), shown as radiologists read it: rows from anterior to
+    posterior, columns from the patient's right to left (the axial view's orientation).
+
+    Works for any axis permutation / flip (the nearest axis to each physical one is taken; oblique
+    grids are shown along their closest axes). Returns a 2D view of ``array_zyx``.
+    """
+    a = np.asarray(array_zyx)
+    if a.ndim != 3:
+        raise ValueError(f"axial_slice needs a 3D array, got shape {a.shape}")
+    d = np.abs(np.asarray(direction, float).reshape(3, 3))
+    # physical axis (0 = x/L, 1 = y/P, 2 = z/S) -> array axis (zyx order: index axis i is array axis 2 - i)
+    order = [int(i) for i in np.argsort(-d.max(axis=1))]
+    used: dict[int, int] = {}
+    for phys in order:                                   # the most clear-cut physical axes choose first
+        cands = [i for i in np.argsort(-d[phys]) if i not in used.values()]
+        used[phys] = int(cands[0])
+    arr_axis = {phys: 2 - idx for phys, idx in used.items()}
+    sl = np.take(a, a.shape[arr_axis[2]] // 2, axis=arr_axis[2])
+    rest = [ax for ax in range(3) if ax != arr_axis[2]]              # the two remaining array axes, in order
+    rows_first = rest.index(arr_axis[1]) == 0
+    out = sl if rows_first else sl.T
+    direction = np.asarray(direction, float).reshape(3, 3)
+    if direction[1, used[1]] < 0:                        # rows must run towards posterior (+y in LPS)
+        out = out[::-1]
+    if direction[0, used[0]] < 0:                        # columns towards the patient's left (+x in LPS)
+        out = out[:, ::-1]
+    return out
+
+
 def voxel_to_physical_field(disp_vox, volume: Volume):
     """Network displacement in fixed-grid voxels -> physical displacement in mm.
 

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 from PySide6.QtCore import QElapsedTimer, Qt, QThread, QTimer, Signal, Slot
 from PySide6.QtWidgets import (
     QComboBox,
@@ -257,6 +258,21 @@ class RegistrationPanel(QWidget):
         self.loss_plot.getPlotItem().setMenuEnabled(False)
         self.loss_plot.getAxis("left").enableAutoSIPrefix(False)
         self._pg = pg_
+        # live preview: the moving image through the current estimate, from paradigms that report one
+        # (Progress.preview; the agent sends the middle slice of its working grid every few steps)
+        self.preview_caption = QLabel("")
+        self.preview_view = pg_.GraphicsLayoutWidget()
+        self.preview_view.setBackground("k")
+        self.preview_view.setMinimumHeight(160)
+        self.preview_view.setToolTip("The moving image through the current estimate while the run goes on "
+                                     "(middle slice of the method's working grid)")
+        box = self.preview_view.addViewBox(lockAspect=True, enableMouse=False, invertY=True)
+        box.setMenuEnabled(False)
+        self.preview_image = pg_.ImageItem(axisOrder="row-major")
+        box.addItem(self.preview_image)
+        self._preview_steps = 0
+        self.preview_caption.hide()
+        self.preview_view.hide()
 
         top = QFormLayout()
         top.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
@@ -285,6 +301,8 @@ class RegistrationPanel(QWidget):
         lay.addLayout(times)
         lay.addWidget(self.status_label)
         lay.addWidget(self.loss_plot, 2)
+        lay.addWidget(self.preview_caption)
+        lay.addWidget(self.preview_view, 2)
 
         self._clock = QElapsedTimer()
         self._tick = QTimer(self)
@@ -451,6 +469,7 @@ class RegistrationPanel(QWidget):
         w.cancelled.connect(self._on_worker_cancelled)
         self._worker = w
         self._reset_plot()
+        self._reset_preview()
         self.progress_bar.setRange(0, 1000)
         self.progress_bar.setValue(0)
         self.stage_label.setText(f"Starting {key}…")
@@ -718,6 +737,31 @@ class RegistrationPanel(QWidget):
         self._update_loss_plot()
         if getattr(p, "pose", None) is not None and p.stage != "done":
             self._add_pose(p.iteration, p.pose)
+        if getattr(p, "preview", None) is not None:
+            self._show_preview(p.preview, p.iteration)
+
+    def _show_preview(self, preview, step) -> None:
+        """Show a 2D preview (rows, columns) of the current warp; anything else is ignored."""
+        a = np.asarray(preview, dtype=np.float32)
+        finite = a[np.isfinite(a)] if a.ndim == 2 else a[:0]
+        if finite.size == 0:
+            return
+        lo, hi = (float(v) for v in np.percentile(finite, [1.0, 99.0]))
+        self.preview_image.setImage(np.nan_to_num(a, nan=lo), levels=(lo, hi if hi > lo else lo + 1.0))
+        self._preview_steps += 1
+        self.preview_caption.setText(f"Live: moving image through the current estimate, step {step}")
+        self.preview_caption.show()
+        self.preview_view.show()
+
+    def _reset_preview(self) -> None:
+        self._preview_steps = 0
+        self.preview_image.clear()
+        self.preview_caption.hide()
+        self.preview_view.hide()
+
+    def preview_count(self) -> int:
+        """How many live previews the current (or last) run showed."""
+        return self._preview_steps
 
     @Slot(object, object)
     def _on_worker_finished(self, result, metrics) -> None:

@@ -128,7 +128,7 @@ def register_agent(key: str, fixed: Volume, moving: Volume, params: AgentParams,
     from ..nn import geometry as G
     from ..nn import resolve_device
     from ..nn.agent_net import greedy_episode, ncc, net_policy, warp_through_poses
-    from ..spatial import resample
+    from ..spatial import axial_slice, resample
     from ._learned import load_model
     t_start = time.perf_counter()
     steps = parse_steps(params.steps)
@@ -173,7 +173,7 @@ def register_agent(key: str, fixed: Volume, moving: Volume, params: AgentParams,
             if n % 5 == 0:
                 with torch.no_grad():
                     w = warp_through_poses(m_t, gf, gm, RP.pose_matrix(pose, centre)[None], fixed_w.shape)
-                preview = w[0, 0, w.shape[2] // 2].cpu().numpy()
+                preview = axial_slice(w[0, 0].cpu().numpy(), fixed_w.direction)
             progress(Progress("agent", iteration=n, total=params.max_steps,
                               fraction=0.05 + 0.85 * min(n / max(params.max_steps, 1), 1.0),
                               message=f"{RP.ACTIONS[action]} by {step:g} (value {values[action]:+.3f}) -> "
