@@ -26,7 +26,8 @@ matching, Otsu fixed mask, diffeomorphic demons; reproduced with explicit parame
 ``modality=same``, ``linear_guard=false``, ``deformable=diffeomorphic_demons``), ``after`` = the
 current defaults (``modality=auto``); ``iterative_rigid`` = the current defaults, rigid stage only;
 ``dsm`` = the learned similarity (bundled checkpoint or ``--checkpoint``) maximised by the torch
-optimiser (Adam, rigid, levels 2,1 of a 2 mm grid); ``mi_adam`` = the same optimiser, grid and
+optimiser (Adam, rigid, the paradigm's pyramid: levels 4,2,1 of a 2 mm grid since issue 11's capture-range
+work, 2,1 before); ``mi_adam`` = the same optimiser, grid and
 stages with mutual information instead (``dsm --param similarity=mi``). ``dsm_bundled`` = ``dsm`` with the
 bundled checkpoint whatever ``--checkpoint`` names (old and new checkpoints in one run).
 ``--dsm-params`` gives the dsm-paradigm methods the same extra parameters (e.g. a coarser pyramid).

@@ -39,9 +39,10 @@ class DsmParams:
     similarity: str = param("dsm", "dsm: the learned similarity; mi: mutual information with the same optimiser, "
                             "patches' grid and stages (the baseline it is measured against; no checkpoint)",
                             choices=("dsm", "mi"))
-    levels: str = param("2,1", "pyramid shrink factors of the working grid, coarse to fine")
-    iterations: str = param("40,30", "Adam iterations per level (one number, or one per level)")
-    coarse_learning_rate: float = param(0.0, "Adam step (mm) of the first (coarsest) level when there are several; "
+    levels: str = param("4,2,1", "pyramid shrink factors of the working grid, coarse to fine (8, 4, 2 mm for the "
+                        "bundled 2 mm checkpoint: its 8 mm patches cover most of the head)")
+    iterations: str = param("60,30,30", "Adam iterations per level (one number, or one per level)")
+    coarse_learning_rate: float = param(3.0, "Adam step (mm) of the first (coarsest) level when there are several; "
                                         "0: learning_rate. A larger step there lets the coarse level travel "
                                         "farther in its iterations (a wider capture range at the same cost)",
                                         range=(0.0, 20.0))
