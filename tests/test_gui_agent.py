@@ -69,12 +69,12 @@ def test_the_panel_plots_the_six_pose_parameters_per_step(qtbot, monkeypatch):
     assert curves[4][1] == [-0.5 * i for i in range(1, 31)]
     assert panel.loss_curve_data() == ([], [])
     # the live preview showed the moving image through the pose as it went
-    assert not panel.preview_view.isHidden() and panel.preview_count() >= 1
-    shown = panel.preview_image.image
+    assert not panel.run_plot.preview_view.isHidden() and panel.preview_count() >= 1
+    shown = panel.run_plot.preview_image.image
     assert shown.shape == (6, 8) and shown.min() == -1.0 and shown.max() % 5 == 0
-    assert "step" in panel.preview_caption.text()
+    assert "step" in panel.run_plot.preview_caption.text()
     qtbot.waitUntil(lambda: not workers.default_engine().busy, timeout=10000)
     # a new run starts without the old preview; a bad preview (not 2D) is ignored, not a crash
-    panel._show_preview(np.zeros((2, 2, 2)), 1)
-    panel._reset_preview()
-    assert panel.preview_view.isHidden() and panel.preview_count() == 0
+    panel.run_plot.show_preview(np.zeros((2, 2, 2)), 1)
+    panel.run_plot.reset_preview()
+    assert panel.run_plot.preview_view.isHidden() and panel.preview_count() == 0

@@ -259,7 +259,7 @@ def test_progress_covers_the_metrics_stage_resets_on_cancel_and_loss_is_per_stag
         panel.run()
     xs, ys = panel.loss_curve_data()
     assert len(xs) == 7 and ys[0] == pytest.approx(1.0) and ys[-1] == pytest.approx(1 / 7)
-    (item, _, _), = panel._curves.values()
+    (item, _, _), = panel.run_plot.stage_curves().values()
     drawn = item.getData()[1]
     assert drawn.min() == pytest.approx(0.0) and drawn.max() == pytest.approx(1.0)
     _wait_idle(qtbot)

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 from PySide6.QtCore import QElapsedTimer, Qt, QThread, QTimer, Signal, Slot
 from PySide6.QtWidgets import (
     QComboBox,
@@ -35,10 +34,8 @@ from app.engine import cards, paradigms
 from app.viewer.runs import run_verdict
 
 from .params_form import ParamsForm
+from .run_plot import RunPlot, normalise_curve  # noqa: F401  (normalise_curve: re-exported)
 
-_CURVE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-_NO_LOSS_STAGES = ("done", "evaluate", "load", "resample")
-_POSE_NAMES = ("tx mm", "ty mm", "tz mm", "rx deg", "ry deg", "rz deg")   # Progress.pose (the agent)
 _ERROR_STYLE = "color: #b00020;"
 MAX_STAGES = 3               # paradigm + two "then" stages
 REGISTRATION_SHARE = 0.9      # of the progress bar; the metrics stage fills the rest
@@ -86,18 +83,6 @@ def _probe_checkpoints(key: str, chosen: Optional[str]) -> dict:
 def _probe_cuda() -> bool:
     import torch
     return bool(torch.cuda.is_available())
-
-
-def normalise_curve(ys: list[float]) -> list[float]:
-    """A stage's losses scaled to [0, 1] by its own range (stages differ by orders of magnitude:
-    a demons stage next to a Mattes MI stage would otherwise be a flat line); a constant curve
-    is drawn at 0.5."""
-    if not ys:
-        return []
-    lo, hi = min(ys), max(ys)
-    if not hi > lo:
-        return [0.5] * len(ys)
-    return [(y - lo) / (hi - lo) for y in ys]
 
 
 def format_card(card: dict, max_chars: int = 4000) -> str:
@@ -160,10 +145,6 @@ class RegistrationPanel(QWidget):
         self._cuda: Optional[bool] = None        # None: not checked yet
         self._cuda_probing = False
         self._registrar_error: Optional[str] = None
-        self._loss_seen = 0
-        self._curves: dict[str, tuple] = {}
-        self._x = 0
-        self._pose_curves: list = []     # six (item, xs, ys): the agent's pose per step
         self.form: Optional[ParamsForm] = None       # the first stage's form
         self.forms: list[ParamsForm] = []
 
@@ -247,32 +228,7 @@ class RegistrationPanel(QWidget):
         self.status_label.setWordWrap(True)
         self.status_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
 
-        import pyqtgraph as pg_
-        self.loss_plot = pg_.PlotWidget()
-        self.loss_plot.setBackground("w")
-        self.loss_plot.setMinimumHeight(130)
-        self.loss_plot.setLabel("left", "loss (scaled)")
-        self.loss_plot.setLabel("bottom", "iteration (all stages)")
-        self.loss_plot.showGrid(x=True, y=True, alpha=0.25)
-        self.loss_plot.setMouseEnabled(x=False, y=False)
-        self.loss_plot.getPlotItem().setMenuEnabled(False)
-        self.loss_plot.getAxis("left").enableAutoSIPrefix(False)
-        self._pg = pg_
-        # live preview: the moving image through the current estimate, from paradigms that report one
-        # (Progress.preview; the agent sends the middle slice of its working grid every few steps)
-        self.preview_caption = QLabel("")
-        self.preview_view = pg_.GraphicsLayoutWidget()
-        self.preview_view.setBackground("k")
-        self.preview_view.setMinimumHeight(160)
-        self.preview_view.setToolTip("The moving image through the current estimate while the run goes on "
-                                     "(middle slice of the method's working grid)")
-        box = self.preview_view.addViewBox(lockAspect=True, enableMouse=False, invertY=True)
-        box.setMenuEnabled(False)
-        self.preview_image = pg_.ImageItem(axisOrder="row-major")
-        box.addItem(self.preview_image)
-        self._preview_steps = 0
-        self.preview_caption.hide()
-        self.preview_view.hide()
+        self.run_plot = RunPlot()
 
         top = QFormLayout()
         top.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
@@ -300,9 +256,7 @@ class RegistrationPanel(QWidget):
         lay.addWidget(self.progress_bar)
         lay.addLayout(times)
         lay.addWidget(self.status_label)
-        lay.addWidget(self.loss_plot, 2)
-        lay.addWidget(self.preview_caption)
-        lay.addWidget(self.preview_view, 2)
+        lay.addWidget(self.run_plot, 4)
 
         self._clock = QElapsedTimer()
         self._tick = QTimer(self)
@@ -429,16 +383,15 @@ class RegistrationPanel(QWidget):
 
     def loss_curve_data(self) -> tuple[list[float], list[float]]:
         """All plotted loss points (x = running iteration over stages, y = loss)."""
-        xs, ys = [], []
-        for _, (_, cx, cy) in self._curves.items():
-            xs += cx
-            ys += cy
-        order = sorted(range(len(xs)), key=xs.__getitem__)
-        return [xs[i] for i in order], [ys[i] for i in order]
+        return self.run_plot.loss_curve_data()
 
     def pose_curve_data(self) -> list[tuple[list[float], list[float]]]:
         """The agent's plotted pose: six (steps, values) for tx, ty, tz (mm), rx, ry, rz (degrees)."""
-        return [(list(xs), list(ys)) for _, xs, ys in self._pose_curves]
+        return self.run_plot.pose_curve_data()
+
+    def preview_count(self) -> int:
+        """How many live previews the current (or last) run showed."""
+        return self.run_plot.preview_count()
 
     def run(self) -> bool:
         """Start a run with the current inputs and settings. Returns False (and emits
@@ -468,8 +421,7 @@ class RegistrationPanel(QWidget):
         w.failed.connect(self._on_worker_failed)
         w.cancelled.connect(self._on_worker_cancelled)
         self._worker = w
-        self._reset_plot()
-        self._reset_preview()
+        self.run_plot.reset()
         self.progress_bar.setRange(0, 1000)
         self.progress_bar.setValue(0)
         self.stage_label.setText(f"Starting {key}…")
@@ -736,32 +688,9 @@ class RegistrationPanel(QWidget):
         self.stage_label.setText(text)
         self._update_loss_plot()
         if getattr(p, "pose", None) is not None and p.stage != "done":
-            self._add_pose(p.iteration, p.pose)
+            self.run_plot.add_pose(p.iteration, p.pose)
         if getattr(p, "preview", None) is not None:
-            self._show_preview(p.preview, p.iteration)
-
-    def _show_preview(self, preview, step) -> None:
-        """Show a 2D preview (rows, columns) of the current warp; anything else is ignored."""
-        a = np.asarray(preview, dtype=np.float32)
-        finite = a[np.isfinite(a)] if a.ndim == 2 else a[:0]
-        if finite.size == 0:
-            return
-        lo, hi = (float(v) for v in np.percentile(finite, [1.0, 99.0]))
-        self.preview_image.setImage(np.nan_to_num(a, nan=lo), levels=(lo, hi if hi > lo else lo + 1.0))
-        self._preview_steps += 1
-        self.preview_caption.setText(f"Live: moving image through the current estimate, step {step}")
-        self.preview_caption.show()
-        self.preview_view.show()
-
-    def _reset_preview(self) -> None:
-        self._preview_steps = 0
-        self.preview_image.clear()
-        self.preview_caption.hide()
-        self.preview_view.hide()
-
-    def preview_count(self) -> int:
-        """How many live previews the current (or last) run showed."""
-        return self._preview_steps
+            self.run_plot.show_preview(p.preview, p.iteration)
 
     @Slot(object, object)
     def _on_worker_finished(self, result, metrics) -> None:
@@ -769,15 +698,8 @@ class RegistrationPanel(QWidget):
         # progress is throttled: the whole trajectory comes from the result
         steps = [h for h in getattr(result, "history", []) if h.get("stage") == "agent" and "pose" in h]
         if steps:
-            for _, xs, ys in self._pose_curves:
-                xs.clear()
-                ys.clear()
-            for h in steps:
-                self._add_pose(h["iteration"], h["pose"], redraw=False)
-            for item, xs, ys in self._pose_curves:
-                item.setData(xs, ys)
-        if not self._curves and not self._pose_curves:     # a learned model: one network pass, nothing to plot
-            self.loss_plot.setTitle('<span style="color:#666">one network pass: no loss curve</span>', size="9pt")
+            self.run_plot.set_poses(steps)
+        self.run_plot.finish()
         secs = self._run_ended()
         self.progress_bar.setRange(0, 1000)
         self.progress_bar.setValue(1000)
@@ -829,66 +751,9 @@ class RegistrationPanel(QWidget):
             self.elapsed_label.setText(f"{self._clock.elapsed() / 1000.0:.1f} s")
 
     # ================================================================ loss curve
-    def _reset_plot(self) -> None:
-        for item, _, _ in self._curves.values():
-            self.loss_plot.removeItem(item)
-        for item, _, _ in self._pose_curves:
-            self.loss_plot.removeItem(item)
-        self._pose_curves = []
-        self.loss_plot.setLabel("left", "loss (scaled)")
-        self.loss_plot.setTitle(None)
-        self._curves = {}
-        self._loss_seen = 0
-        self._x = 0
-
     def _update_loss_plot(self) -> None:
-        w = self._worker
-        if w is None:
-            return
-        hist = w.loss_history()
-        new = hist[self._loss_seen:]
-        if not new:
-            return
-        self._loss_seen = len(hist)
-        touched = set()
-        for stage, _it, loss in new:
-            if stage in _NO_LOSS_STAGES:
-                continue
-            if stage not in self._curves:
-                colour = _CURVE_COLOURS[len(self._curves) % len(_CURVE_COLOURS)]
-                item = self.loss_plot.plot([], [], pen=self._pg.mkPen(colour, width=1.5), name=stage)
-                self._curves[stage] = (item, [], [])
-                self._update_plot_title()
-            _, xs, ys = self._curves[stage]
-            self._x += 1
-            xs.append(float(self._x))
-            ys.append(float(loss))
-            touched.add(stage)
-        for stage in touched:
-            item, xs, ys = self._curves[stage]
-            item.setData(xs, normalise_curve(ys))
-
-    def _add_pose(self, step: int, pose, redraw: bool = True) -> None:
-        """One agent step: the six pose parameters (mm, degrees) against the step number."""
-        if not self._pose_curves:
-            for i in range(len(_POSE_NAMES)):
-                pen = self._pg.mkPen(_CURVE_COLOURS[i], width=1.5, style=Qt.SolidLine if i < 3 else Qt.DashLine)
-                self._pose_curves.append((self.loss_plot.plot([], [], pen=pen), [], []))
-            self.loss_plot.setLabel("left", "pose (mm, deg)" if not self._curves else "loss (scaled) · pose (mm, deg)")
-            self._update_plot_title()
-        for (item, xs, ys), v in zip(self._pose_curves, pose):
-            xs.append(float(step))
-            ys.append(float(v))
-            if redraw:
-                item.setData(xs, ys)
-
-    def _update_plot_title(self) -> None:
-        # stage names in their curve colours above the plot: a legend would cover the curves
-        spans = [f'<span style="color:{item.opts["pen"].color().name()}">{stage}</span>'
-                 for stage, (item, _, _) in self._curves.items()]
-        spans += [f'<span style="color:{item.opts["pen"].color().name()}">{name}</span>'
-                  for name, (item, _, _) in zip(_POSE_NAMES, self._pose_curves)]
-        self.loss_plot.setTitle(" · ".join(spans), size="9pt")
+        if self._worker is not None:
+            self.run_plot.add_losses(self._worker.loss_history())
 
     # ================================================================ state
     def _show_status(self, text: str, error: bool = False, warning: bool = False) -> None:
