@@ -29,7 +29,8 @@ current defaults (``modality=auto``); ``iterative_rigid`` = the current defaults
 optimiser (Adam, rigid, the paradigm's pyramid: levels 4,2,1 of a 2 mm grid since issue 11's capture-range
 work, 2,1 before); ``mi_adam`` = the same optimiser, grid and
 stages with mutual information instead (``dsm --param similarity=mi``). ``dsm_bundled`` = ``dsm`` with the
-bundled checkpoint whatever ``--checkpoint`` names (old and new checkpoints in one run).
+bundled checkpoint whatever ``--checkpoint`` names (old and new checkpoints in one run);
+``dsm_lattice`` = ``dsm`` with its patch centres on a fixed lattice (``patch_sampling=lattice``).
 ``--dsm-params`` gives the dsm-paradigm methods the same extra parameters (e.g. a coarser pyramid).
 ``dsm`` was trained on patient07 and the glioma subject: compare it on ``--subjects patient19`` only.
 """
@@ -102,6 +103,7 @@ METHODS = {
     "dsm": ("dsm", {"similarity_map": False}),   # the registration alone (the map is timed apart)
     "mi_adam": ("dsm", {"similarity": "mi"}),
     "dsm_bundled": ("dsm", {"similarity_map": False}),   # the bundled checkpoint whatever --checkpoint says
+    "dsm_lattice": ("dsm", {"similarity_map": False, "patch_sampling": "lattice"}),
 }
 
 
