@@ -182,7 +182,7 @@ class IterativeRegistrar:
         p = params if params is not None else IterativeParams()
         validate_params(p)
         levels = _parse_levels(p.levels, "levels")
-        dlevels = _parse_levels(p.deformable_levels, "deformable_levels")
+        _parse_levels(p.deformable_levels, "deformable_levels")      # validated here, used by the stage
         for name, v in (("fixed", fixed), ("moving", moving)):
             if v.is_vector:
                 raise ValueError(f"{name} must be a scalar volume (z, y, x), got shape {v.array.shape}")
@@ -525,22 +525,10 @@ def _linear_stage(run: _Run, stage: str, f_img, m_img, mask, previous: Transform
             tx = _rigid_search(run, f_img, m_img, mask, tx)
     else:
         tx.SetCenter(_centre(f_img, mask))
+
     def method(levels) -> sitk.ImageRegistrationMethod:
         """The linear stage's registration method over the pyramid ``levels``, starting at ``tx``."""
-        reg = sitk.ImageRegistrationMethod()
-        _set_metric(reg, p)
-        if mask is not None:
-            reg.SetMetricFixedMask(mask)
-        reg.SetInterpolator(sitk.sitkLinear)
-        # regular-step descent: measured far more reliable here than plain gradient descent
-        # with an estimated learning rate, which stalled after a few iterations per level
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4,
-                                                     numberOfIterations=p.linear_iterations,
-                                                     relaxationFactor=0.5, gradientMagnitudeTolerance=1e-10)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel(list(levels))
-        reg.SetSmoothingSigmasPerLevel(_sigmas(list(levels)))
-        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+        reg = _linear_method(p, mask, levels, p.linear_iterations)
         if previous.kind != "identity":
             reg.SetMovingInitialTransform(previous.itk)
         reg.SetInitialTransform(tx, inPlace=True)
@@ -564,6 +552,25 @@ def _linear_stage(run: _Run, stage: str, f_img, m_img, mask, previous: Transform
     for level in range(1, len(run.levels)):
         iteration = _execute(run, method([run.levels[level]]), stage, f_img, m_img, iteration, level)
     return Transform(tx, kind)
+
+
+def _linear_method(p, mask, levels, iterations: int, min_step: float = 1e-4) -> sitk.ImageRegistrationMethod:
+    """A rigid / affine registration method over the pyramid ``levels`` (shrink factors) with the
+    paradigm's metric and fixed mask; the caller sets the transforms."""
+    reg = sitk.ImageRegistrationMethod()
+    _set_metric(reg, p)
+    if mask is not None:
+        reg.SetMetricFixedMask(mask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    # regular-step descent: measured far more reliable here than plain gradient descent
+    # with an estimated learning rate, which stalled after a few iterations per level
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=min_step, numberOfIterations=iterations,
+                                                 relaxationFactor=0.5, gradientMagnitudeTolerance=1e-10)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(list(levels))
+    reg.SetSmoothingSigmasPerLevel(_sigmas(list(levels)))
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    return reg
 
 
 def _cached_value(run: _Run, f_img, m_img, mask, previous: Transform) -> float:
@@ -609,18 +616,7 @@ def _rigid_search(run: _Run, f_img, m_img, mask, init: sitk.Euler3DTransform) ->
     for r in _start_rotations(p.rigid_starts, p.rigid_start_angle):
         tx = sitk.Euler3DTransform(init)
         tx.SetMatrix(tuple((base @ r).ravel()))
-        reg = sitk.ImageRegistrationMethod()
-        _set_metric(reg, p)
-        if mask is not None:
-            reg.SetMetricFixedMask(mask)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-2,
-                                                     numberOfIterations=p.rigid_start_iterations,
-                                                     relaxationFactor=0.5, gradientMagnitudeTolerance=1e-10)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([shrink])
-        reg.SetSmoothingSigmasPerLevel(_sigmas([shrink]))
-        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+        reg = _linear_method(p, mask, [shrink], p.rigid_start_iterations, min_step=1e-2)
         reg.SetInitialTransform(tx, inPlace=True)
         try:
             reg.Execute(f_img, m_img)
