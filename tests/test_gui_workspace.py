@@ -233,10 +233,10 @@ def test_files_are_read_and_written_on_the_engine_thread(win, files, tmp_path, m
 
     from PySide6.QtCore import QTimer
 
-    from app.widgets import main_window, session
+    from app.widgets import session, window_layers
     w = win
     threads, ticks = [], []
-    real_read, real_write = main_window.read_layer, session.write_session
+    real_read, real_write = window_layers.read_layer, session.write_session
 
     def slow_read(*a, **k):
         threads.append(threading.get_ident())
@@ -246,7 +246,7 @@ def test_files_are_read_and_written_on_the_engine_thread(win, files, tmp_path, m
     def write(*a, **k):
         threads.append(threading.get_ident())
         return real_write(*a, **k)
-    monkeypatch.setattr(main_window, "read_layer", slow_read)
+    monkeypatch.setattr(window_layers, "read_layer", slow_read)
     monkeypatch.setattr(session, "write_session", write)
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(1))
