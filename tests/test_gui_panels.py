@@ -276,7 +276,7 @@ def test_checkpoint_row_for_learned_paradigms(qtbot, fake_paradigms, monkeypatch
     import types
 
     import app.engine
-    from app.widgets import registration_panel as rp
+    from app.widgets import registration_checkpoint as rc
     good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
     fake = types.ModuleType("app.engine.checkpoints")
     fake.list_checkpoints = lambda key: [good, bad] if key == "fake_learned" else []
@@ -289,7 +289,7 @@ def test_checkpoint_row_for_learned_paradigms(qtbot, fake_paradigms, monkeypatch
     fake.load_checkpoint = load_checkpoint
     monkeypatch.setitem(sys.modules, "app.engine.checkpoints", fake)
     monkeypatch.setattr(app.engine, "checkpoints", fake, raising=False)
-    monkeypatch.setattr(rp, "_probe_cuda", lambda: False)
+    monkeypatch.setattr(rc, "_probe_cuda", lambda: False)
 
     panel, metrics = _panel(qtbot)
     panel.show()
@@ -554,8 +554,9 @@ def test_landmark_autosave(qtbot, tmp_path):
 
 
 def test_diffeomorphic_option_follows_the_bundled_variant(qtbot, monkeypatch, tmp_path):
+    from app.widgets import registration_checkpoint as rc
     from app.widgets import registration_panel as rp
-    monkeypatch.setattr(rp, "_probe_cuda", lambda: False)
+    monkeypatch.setattr(rc, "_probe_cuda", lambda: False)
     bundled = Path(rp._BUNDLED_DIR)
     if not (bundled / "unsupervised_diffeomorphic.pt").is_file():
         pytest.skip("bundled diffeomorphic checkpoint missing")
@@ -578,8 +579,8 @@ def test_diffeomorphic_option_follows_the_bundled_variant(qtbot, monkeypatch, tm
 
 
 def test_then_chain_builds_a_pipeline_with_a_form_per_stage(qtbot, fake_paradigms, monkeypatch):
-    from app.widgets import registration_panel as rp
-    monkeypatch.setattr(rp, "_probe_cuda", lambda: False)
+    from app.widgets import registration_checkpoint as rc
+    monkeypatch.setattr(rc, "_probe_cuda", lambda: False)
     panel, metrics = _panel(qtbot)
     panel.show()
     assert panel.paradigm_key == "fake" and len(panel.forms) == 1

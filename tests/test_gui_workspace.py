@@ -135,11 +135,11 @@ def test_layers_unload_from_the_menu(win, qtbot):
 def test_window_fits_a_1366x768_screen_whatever_the_paradigm(win, qtbot, monkeypatch):
     from PySide6.QtWidgets import QApplication
 
-    from app.widgets import registration_panel as rp
+    from app.widgets import registration_checkpoint as rc
     # the layout is under test, not the checkpoints: no torch import on the engine thread
-    monkeypatch.setattr(rp, "_probe_checkpoints", lambda key, chosen: {"paths": [], "chosen": None, "card": "",
+    monkeypatch.setattr(rc, "_probe_checkpoints", lambda key, chosen: {"paths": [], "chosen": None, "card": "",
                                                                       "error": "no checkpoint (test)"})
-    monkeypatch.setattr(rp, "_probe_cuda", lambda: False)
+    monkeypatch.setattr(rc, "_probe_cuda", lambda: False)
     w = win
     w.fit_to_screen()
     avail = QApplication.primaryScreen().availableGeometry()
