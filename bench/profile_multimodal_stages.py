@@ -27,7 +27,9 @@ CALLS: list[tuple[str, str, float, int]] = []
 
 
 def _caller() -> str:
-    names = [fr.name for fr in traceback.extract_stack()[:-2] if fr.filename.endswith("iterative.py")]
+    # the paradigm's modules: iterative.py and its rooms iterative_*.py
+    names = [fr.name for fr in traceback.extract_stack()[:-2]
+             if Path(fr.filename).parent.name == "paradigms" and Path(fr.filename).name.startswith("iterative")]
     return "/".join(n for n in names if n not in ("register", "_execute")) or "?"
 
 
