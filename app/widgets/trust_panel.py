@@ -16,12 +16,15 @@ Signals
 -------
 goto_requested(object)   (3,) LPS mm: the window moves the cursor there
 busy_changed(bool)       a job of this panel is queued or running
+
+This module holds the panel's widgets, how they follow the workspace, and the summary texts; the
+error-map job is in :mod:`app.widgets.trust_errormap`, the correction job in
+:mod:`app.widgets.trust_correction`.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
-import numpy as np
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -41,12 +44,14 @@ from app.viewer import trust
 from app.viewer.workspace import Workspace
 
 from .landmark_panel import LandmarkPanel
+from .trust_correction import GuidedCorrectionMixin
+from .trust_errormap import ErrorMapMixin
 
 METHOD_TEXT = {"dissimilarity": "Dissimilarity (fast)", "consistency": "Inverse consistency (re-registers)"}
 GUIDE_METHOD_TEXT = {"optimise": "Image-aware (optimiser)", "rbf": "Smooth bump (RBF, fast)"}
 
 
-class TrustPanel(QWidget):
+class TrustPanel(ErrorMapMixin, GuidedCorrectionMixin, QWidget):
     """Error map and landmark-guided correction of the current run.
 
     Parameters
@@ -245,167 +250,12 @@ class TrustPanel(QWidget):
             else:
                 self.correct_label.setText("")
 
-    # ================================================================ error map
-    def compute_error_map(self, method: Optional[str] = None) -> bool:
-        """Queue the current run's error map (``method``: the combo's by default); False when there
-        is nothing to estimate or a computation is already running."""
-        if method is not None:
-            if method not in trust.GUI_METHODS:
-                raise ValueError(f"error map method must be one of {', '.join(trust.GUI_METHODS)}, got {method!r}")
-            self.method_combo.setCurrentIndex(self.method_combo.findData(method))
-        method = self.method_combo.currentData()
-        ws, st = self.workspace, self.state
-        run = ws.runs.current_run
-        if self.error_job is not None or run is None or run.result is None or st.fixed is None or st.moving is None:
-            return False
-        try:
-            spec, params = trust.run_spec(run)
-        except ValueError as e:
-            if method == "consistency":
-                self._fail(str(e))
-                return False
-            spec, params = "", None
-        result, fixed, moving = run.result, st.fixed, st.moving
-        self.last_error = None
-        self.error_label.setText(f"Estimating the error of '{run.name}' ({method})…")
-        self.progress_bar.setRange(0, 0 if method == "dissimilarity" else 1000)
-        self.error_job = self.engine.submit(
-            trust.error_map_for_run, spec, fixed, moving, result, params, method=method,
-            checkpoint=self._checkpoint_for(spec), device=self._device(), name=f"error map ({method})",
-            engine_callbacks=True, context=self, on_progress=self._on_error_progress,
-            on_done=lambda out: self._on_error_done(out, result, fixed, moving),
-            on_error=lambda msg: self._on_error_failed(msg), on_cancelled=self._on_error_cancelled)
-        self.busy_changed.emit(True)
-        self._update()
-        return True
-
-    def _on_error_progress(self, p) -> None:
-        frac = getattr(p, "fraction", None)
-        if frac is not None and self.progress_bar.maximum() > 0:
-            self.progress_bar.setValue(int(round(1000 * min(max(float(frac), 0.0), 1.0))))
-        msg = getattr(p, "message", "") or ""
-        if msg:
-            self.error_label.setText(msg)
-
-    def _end_error_job(self) -> None:
-        self.error_job = None
-        self.progress_bar.setRange(0, 1000)
-        self.busy_changed.emit(self.correct_job is not None)
-
-    def _on_error_done(self, out, result, fixed, moving) -> None:
-        self._end_error_job()
-        vol, info = out
-        ws = self.workspace
-        index = next((i for i, r in enumerate(ws.runs.runs) if r.result is result), None)
-        if index is None or ws.state.fixed is not fixed or ws.state.moving is not moving:
-            # the run was deleted or its image replaced while the map was computed: never show it
-            self.error_label.setText("The error map was dropped: its run or images changed meanwhile.")
-            self._update()
-            return
-        ws.set_error_map(index, vol, info)
-        if index == ws.runs.current:
-            self.state.set_overlay(error_map=True)
-        self._update()
-
-    def _on_error_failed(self, message: str) -> None:
-        self._end_error_job()
-        self._fail(f"Error map failed: {message}")
-
-    def _on_error_cancelled(self) -> None:
-        self._end_error_job()
-        self._update()
-        self.error_label.setText("Error map cancelled.")
-
-    def _fail(self, message: str) -> None:
-        self.last_error = message
-        self._update()
-        self.error_label.setText(message)
-
+    # ================================================================ jobs
     def cancel(self) -> None:
         """Cancel the running error map (and correction)."""
         for job in (self.error_job, self.correct_job):
             if job is not None:
                 job.cancel()
-
-    def goto_worst(self) -> Optional[np.ndarray]:
-        """Move the cursor to the current run's ``error_map_peak_mm`` (emits ``goto_requested``)."""
-        run = self.workspace.runs.current_run
-        peak = None if run is None else run.metrics.get("error_map_peak_mm")
-        if peak is None:
-            return None
-        p = np.asarray(peak, float).reshape(3)
-        self.goto_requested.emit(p)
-        return p
-
-    # ================================================================ guided correction
-    def correct(self, method: Optional[str] = None) -> bool:
-        """Queue the correction of the current run by the complete guide pairs (``method`` 'rbf' or
-        'optimise': the combo's by default); the corrected run is added when it is done. False when
-        there is nothing to correct or a correction is running."""
-        if method is not None:
-            i = self.guide_method_combo.findData(method)
-            if i < 0:
-                raise ValueError(f"guide method must be 'rbf' or 'optimise', got {method!r}")
-            self.guide_method_combo.setCurrentIndex(i)
-        method = self.guide_method_combo.currentData()
-        ws, st = self.workspace, self.state
-        run = ws.runs.current_run
-        gf, gm = ws.guides.fixed_landmarks(), ws.guides.moving_landmarks()
-        if self.correct_job is not None or run is None or run.result is None or not len(gf) \
-                or st.fixed is None or st.moving is None:
-            return False
-        inputs = ws.registration_inputs()
-        fixed, moving, result = st.fixed, st.moving, run.result
-        name = trust.correction_name(run.name, len(gf))
-        self.correct_label.setText(f"Correcting '{run.name}' with {len(gf)} guide pair{'s' if len(gf) != 1 else ''}"
-                                   f" ({method})…")
-        self.progress_bar.setRange(0, 0 if method == "rbf" else 1000)
-        self.progress_bar.setValue(0)
-        self.correct_job = self.engine.submit(
-            trust.correct_run, fixed, moving, result, gf, gm, sigma_mm=float(self.sigma_spin.value()), method=method,
-            device=self._device(), on_progress=self._on_correct_progress,
-            fixed_labels=inputs["fixed_labels"], moving_labels=inputs["moving_labels"],
-            fixed_points=inputs["fixed_points"], moving_points=inputs["moving_points"],
-            base_metrics=dict(run.metrics), base_name=run.name, name="guided correction", engine_callbacks=True,
-            context=self, on_done=lambda out: self._on_correct_done(out, name, fixed, moving),
-            on_error=self._on_correct_failed, on_cancelled=self._on_correct_cancelled)
-        self.busy_changed.emit(True)
-        self._update()
-        return True
-
-    def _on_correct_progress(self, p) -> None:
-        frac = getattr(p, "fraction", None)
-        if frac is not None and self.progress_bar.maximum() > 0:
-            self.progress_bar.setValue(int(round(1000 * min(max(float(frac), 0.0), 1.0))))
-        if getattr(p, "iteration", None):
-            self.correct_label.setText(f"Correcting: optimiser iteration {p.iteration}"
-                                       + (f", loss {p.loss:.4f}" if getattr(p, "loss", None) is not None else ""))
-
-    def _end_correct_job(self) -> None:
-        self.correct_job = None
-        self.progress_bar.setRange(0, 1000)
-        self.busy_changed.emit(self.error_job is not None)
-
-    def _on_correct_done(self, out, name: str, fixed, moving) -> None:
-        self._end_correct_job()
-        if self.state.fixed is not fixed or self.state.moving is not moving:
-            self.correct_label.setText("The correction was dropped: the images changed meanwhile.")
-            self._update()
-            return
-        result, metrics = out
-        self._add_run(result, metrics, name)
-        self._update()
-
-    def _on_correct_failed(self, message: str) -> None:
-        self._end_correct_job()
-        self.last_error = f"Correction failed: {message}"
-        self._update()
-        self.correct_label.setText(self.last_error)
-
-    def _on_correct_cancelled(self) -> None:
-        self._end_correct_job()
-        self._update()
-        self.correct_label.setText("Correction cancelled.")
 
     def shutdown(self) -> None:
         self.cancel()
