@@ -31,27 +31,46 @@ smoothness regulariser (fields), a Dice term on label maps and a landmark term (
 distance in mm between ``T(fixed landmark)`` and the moving landmark). The result exports itself as
 an ITK :class:`~app.engine.types.Transform`: Euler3D / Affine transforms with their centre, or a
 displacement-field transform, composed after ``T0``.
+
+Modules
+-------
+This module holds the optimiser: :func:`optimise` (checks, preparation, the coarse-to-fine loop,
+the export), :class:`OptimiseResult` and the progress reporter. Its pieces live in siblings (every
+name re-exported here, private ones included):
+
+* :mod:`app.engine.optimise_models`: the transform models (:class:`LinearModel`, :class:`RigidModel`,
+  :class:`AffineModel`, :class:`FieldModel`, :class:`DisplacementModel`, :class:`VelocityModel`) and
+  :func:`make_model`;
+* :mod:`app.engine.optimise_grids`: the working image, the pyramid grids and the sampler (how the
+  moving image is sampled through the model on each level), tensors;
+* :mod:`app.engine.optimise_inputs`: checks of the inputs and their tensors (schedule, labels, mask,
+  landmarks, the landmark term);
+* :mod:`app.engine.optimise_probes`: the optimiser's view without optimising: :func:`similarity_profile`
+  (the loss at given transforms) and :func:`warp_moving` (the torch warp of a result).
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import spatial
-from .nn import layers, losses, resolve_device
-from .nn.geometry import grid_centre, grid_matrix, sample_through
+from .nn import losses, resolve_device
+from .nn.geometry import grid_matrix
 from .nn.similarity import get_similarity, uses_labels
+# the pieces, private ones included (tests, benches and the paradigms import them from here)
+from .optimise_grids import _downsample, _level_scale, _linear_matrix, _sampler, _tensor, _working  # noqa: F401
+from .optimise_inputs import (_check_image, _check_landmarks, _check_schedule, _initial_points,  # noqa: F401
+                              _label_tensors, _landmark_sq_distance, _mask_tensor)
+from .optimise_models import (MODELS, AffineModel, DisplacementModel, FieldModel, LinearModel,  # noqa: F401
+                              RigidModel, VelocityModel, _is_linear, make_model, rotation_matrix)
+from .optimise_probes import similarity_profile, warp_moving  # noqa: F401
 from .types import (LabelMap, Progress, ProgressFn, RegistrationResult, Transform, Volume, check_cancel)
 
-MODELS = ("rigid", "affine", "displacement", "velocity")
 OPTIMIZERS = ("adam", "lbfgs")
 REGULARISERS = ("diffusion", "bending")
 
@@ -60,262 +79,6 @@ REGULARISERS = ("diffusion", "bending")
 _DEFAULT_LR = {"rigid": 1.0, "affine": 1.0, "displacement": 0.1, "velocity": 0.1}
 
 
-# --------------------------------------------------------------------------- models
-class LinearModel(nn.Module):
-    """Base of the linear models: ``M(x) = A (x - c) + c + t`` in LPS mm (float64 parameters).
-
-    Parameters
-    ----------
-    centre_mm : 3 floats, xyz LPS mm (usually the fixed grid's centre)
-    radius_mm : float
-        Length that scales the rotation / linear parameters, so that one unit of every parameter
-        moves points by about 1 mm (good conditioning for Adam and L-BFGS).
-    """
-
-    kind = "affine"
-
-    def __init__(self, centre_mm, radius_mm: float = 50.0):
-        super().__init__()
-        c = np.asarray(centre_mm, float).reshape(-1)
-        if c.shape != (3,) or not np.all(np.isfinite(c)):
-            raise ValueError(f"centre_mm must be 3 finite numbers (xyz mm), got {centre_mm!r}")
-        if not radius_mm > 0:
-            raise ValueError(f"radius_mm must be > 0, got {radius_mm!r}")
-        self.register_buffer("centre", torch.as_tensor(c, dtype=torch.float64))
-        self.radius = float(radius_mm)
-        self.translation = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-
-    def linear_part(self) -> torch.Tensor:
-        """(3, 3) float64."""
-        raise NotImplementedError
-
-    def matrix(self) -> torch.Tensor:
-        """(4, 4) float64 homogeneous physical map (xyz mm): fixed points -> moving points."""
-        a = self.linear_part()
-        c = self.centre
-        top = torch.cat([a, (c + self.translation - a @ c)[:, None]], 1)
-        last = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=a.dtype, device=a.device)
-        return torch.cat([top, last], 0)
-
-    def points(self, x_mm: torch.Tensor) -> torch.Tensor:
-        """(N, 3) xyz mm -> (N, 3) xyz mm."""
-        m = self.matrix().to(x_mm.dtype)
-        return x_mm @ m[:3, :3].T + m[:3, 3]
-
-    def set_level(self, level_shape, min_size: int = 2) -> None:
-        """Linear models do not depend on the pyramid level."""
-
-    def regularisation(self, name: str) -> Optional[torch.Tensor]:
-        return None
-
-    def fold(self, matrix4: np.ndarray) -> bool:
-        """Set the parameters so that ``M`` equals ``matrix4``; False when the model cannot represent it."""
-        raise NotImplementedError
-
-
-def rotation_matrix(r: torch.Tensor) -> torch.Tensor:
-    """Rotation vector (3,) (radians, axis * angle, xyz) -> rotation matrix (3, 3): ``exp([r]x)``."""
-    z = torch.zeros((), dtype=r.dtype, device=r.device)
-    skew = torch.stack([torch.stack([z, -r[2], r[1]]), torch.stack([r[2], z, -r[0]]),
-                        torch.stack([-r[1], r[0], z])])
-    return torch.linalg.matrix_exp(skew)
-
-
-class RigidModel(LinearModel):
-    """Rotation about ``centre`` + translation: ``M(x) = R (x - c) + c + t``, ``R = exp([r]x)``.
-
-    Six parameters: the rotation vector ``r`` (radians; stored times ``radius_mm`` so that its
-    units are mm of arc at that radius) and ``t`` (mm). Exports as ``sitk.Euler3DTransform``.
-    """
-
-    kind = "rigid"
-
-    def __init__(self, centre_mm, radius_mm: float = 50.0):
-        super().__init__(centre_mm, radius_mm)
-        self.rotation = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-
-    def rotation_vector(self) -> torch.Tensor:
-        return self.rotation / self.radius
-
-    def linear_part(self) -> torch.Tensor:
-        return rotation_matrix(self.rotation_vector())
-
-    def fold(self, matrix4: np.ndarray) -> bool:
-        a = np.asarray(matrix4, float)[:3, :3]
-        if np.abs(a.T @ a - np.eye(3)).max() > 1e-6 or np.linalg.det(a) < 0:
-            return False
-        from scipy.spatial.transform import Rotation
-        c = self.centre.detach().cpu().numpy()
-        with torch.no_grad():
-            self.rotation.copy_(torch.as_tensor(Rotation.from_matrix(a).as_rotvec() * self.radius))
-            self.translation.copy_(torch.as_tensor(a @ c + np.asarray(matrix4, float)[:3, 3] - c))
-        return True
-
-    def to_transform(self, fixed: Optional[Volume] = None) -> Transform:
-        """The model alone as an ITK ``Euler3DTransform`` (centre ``c``), fixed -> moving points."""
-        with torch.no_grad():
-            r = self.linear_part().cpu().numpy()
-        tx = sitk.Euler3DTransform()
-        tx.SetCenter(tuple(float(v) for v in self.centre.cpu().numpy()))
-        tx.SetMatrix(tuple(float(v) for v in r.reshape(-1)), 1e-8)
-        tx.SetTranslation(tuple(float(v) for v in self.translation.detach().cpu().numpy()))
-        return Transform(tx, "rigid")
-
-
-class AffineModel(LinearModel):
-    """General affine about ``centre``: ``M(x) = A (x - c) + c + t`` (12 parameters).
-
-    ``A = I + L / radius_mm`` with ``L`` (``linear_mm``) the stored (mm-scaled) parameters. Exports as
-    ``sitk.AffineTransform``.
-    """
-
-    kind = "affine"
-
-    def __init__(self, centre_mm, radius_mm: float = 50.0):
-        super().__init__(centre_mm, radius_mm)
-        self.linear_mm = nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))
-
-    def linear_part(self) -> torch.Tensor:
-        eye = torch.eye(3, dtype=self.linear_mm.dtype, device=self.linear_mm.device)
-        return eye + self.linear_mm / self.radius
-
-    def fold(self, matrix4: np.ndarray) -> bool:
-        m = np.asarray(matrix4, float)
-        c = self.centre.detach().cpu().numpy()
-        with torch.no_grad():
-            self.linear_mm.copy_(torch.as_tensor((m[:3, :3] - np.eye(3)) * self.radius))
-            self.translation.copy_(torch.as_tensor(m[:3, :3] @ c + m[:3, 3] - c))
-        return True
-
-    def to_transform(self, fixed: Optional[Volume] = None) -> Transform:
-        """The model alone as an ITK ``AffineTransform`` (centre ``c``), fixed -> moving points."""
-        with torch.no_grad():
-            a = self.linear_part().cpu().numpy()
-        tx = sitk.AffineTransform(tuple(float(v) for v in a.reshape(-1)),
-                                  tuple(float(v) for v in self.translation.detach().cpu().numpy()),
-                                  tuple(float(v) for v in self.centre.cpu().numpy()))
-        return Transform(tx, "affine")
-
-
-def _is_linear(model: nn.Module) -> bool:
-    return isinstance(model, LinearModel)
-
-
-class FieldModel(nn.Module):
-    """Base of the dense models: a field on a coarse grid of each pyramid level of the fixed image.
-
-    The parameter lives in voxels of its own grid, channels (z, y, x); :meth:`displacement`
-    resamples the (integrated) field to any grid covering the same extent
-    (:func:`app.engine.nn.layers.resize_field`, corners aligned).
-
-    Parameters
-    ----------
-    field_downsample : int >= 1
-        The parameter grid is this many times coarser than each level's grid.
-    """
-
-    kind = "displacement"
-
-    def __init__(self, field_downsample: int = 2):
-        super().__init__()
-        self.register_buffer("_anchor", torch.zeros(0), persistent=False)   # follows .to(device)
-        if int(field_downsample) != field_downsample or field_downsample < 1:
-            raise ValueError(f"field_downsample must be an integer >= 1, got {field_downsample!r}")
-        self.field_downsample = int(field_downsample)
-        self.param: Optional[nn.Parameter] = None
-
-    def set_level(self, level_shape, min_size: int = 2) -> None:
-        """Re-grid the parameter for a pyramid level (zeros at the first level, resized after)."""
-        pshape = tuple(max(min_size, int(round(s / self.field_downsample))) for s in level_shape)
-        if self.param is None:
-            self.param = nn.Parameter(torch.zeros((1, 3, *pshape), dtype=torch.float32,
-                                                  device=self._anchor.device))
-        else:
-            self.param = nn.Parameter(layers.resize_field(self.param.detach(), pshape).clone())
-
-    def field(self) -> torch.Tensor:
-        """The displacement on the parameter grid (1, 3, d, h, w), zyx voxels of that grid."""
-        raise NotImplementedError
-
-    def displacement(self, shape_zyx) -> torch.Tensor:
-        """(1, 3, *shape_zyx): displacement in zyx voxels of a grid of that shape (same extent)."""
-        if self.param is None:
-            return torch.zeros((1, 3, *shape_zyx), dtype=torch.float32, device=self._anchor.device)
-        return layers.resize_field(self.field(), shape_zyx)
-
-    def regularisation(self, name: str) -> Optional[torch.Tensor]:
-        """Smoothness of the parameter field: 'diffusion' (squared gradient) or 'bending'."""
-        if self.param is None:
-            return None
-        fn = losses.gradient_l2 if name == "diffusion" else losses.bending_energy
-        return fn(self.param)
-
-    def to_transform(self, fixed: Volume) -> Transform:
-        """The model alone as an ITK displacement-field transform on ``fixed``'s grid (xyz LPS mm)."""
-        with torch.no_grad():
-            disp_vox = self.displacement(fixed.shape)                                   # (1, 3, D, H, W)
-            field_mm = spatial.voxel_to_physical_field(disp_vox.detach().double(), fixed)[0]
-        arr = field_mm.permute(1, 2, 3, 0).cpu().numpy()
-        return spatial.field_to_transform(fixed.with_array(arr, name="field"))
-
-
-class DisplacementModel(FieldModel):
-    """``M(x) = x + u(x)``: a dense displacement field (may fold; see :class:`VelocityModel`)."""
-
-    kind = "displacement"
-
-    def field(self) -> torch.Tensor:
-        return self.param
-
-
-class VelocityModel(FieldModel):
-    """``M(x) = x + exp(v)(x)``: a stationary velocity integrated by scaling and squaring.
-
-    Parameters
-    ----------
-    integration_steps : int >= 0, squarings of :func:`app.engine.nn.layers.integrate_velocity`
-    """
-
-    kind = "velocity"
-
-    def __init__(self, field_downsample: int = 2, integration_steps: int = 7):
-        super().__init__(field_downsample)
-        if int(integration_steps) != integration_steps or integration_steps < 0:
-            raise ValueError(f"integration_steps must be an integer >= 0, got {integration_steps!r}")
-        self.integration_steps = int(integration_steps)
-
-    def field(self) -> torch.Tensor:
-        return layers.integrate_velocity(self.param, self.integration_steps)
-
-
-def make_model(kind: str, fixed: Volume, **options) -> nn.Module:
-    """A transform model for ``fixed``'s grid.
-
-    Parameters
-    ----------
-    kind : 'rigid', 'affine', 'displacement' or 'velocity'
-    fixed : Volume, the fixed grid (linear models centre on it by default)
-    **options : ``centre_mm``, ``radius_mm`` (linear); ``field_downsample``, ``integration_steps``
-        (fields)
-    """
-    if kind not in MODELS:
-        raise ValueError(f"unknown transform model {kind!r}; available: {', '.join(MODELS)}")
-    try:
-        if kind in ("rigid", "affine"):
-            lo, hi = fixed.physical_bounds()
-            centre = options.pop("centre_mm", None)
-            centre = grid_centre(fixed) if centre is None else centre
-            radius = options.pop("radius_mm", None)
-            radius = float(np.mean(np.asarray(hi) - np.asarray(lo))) / 2 if radius is None else radius
-            cls = RigidModel if kind == "rigid" else AffineModel
-            return cls(centre, max(float(radius), 1e-3), **options)
-        cls = DisplacementModel if kind == "displacement" else VelocityModel
-        return cls(**options)
-    except TypeError as e:
-        raise ValueError(f"bad options for the {kind} model: {e}") from None
-
-
-# --------------------------------------------------------------------------- result
 @dataclass
 class OptimiseResult:
     """What :func:`optimise` returns.
@@ -359,7 +122,6 @@ class OptimiseResult:
         return float(self.history[-1]["loss"]) if self.history else float("nan")
 
 
-# --------------------------------------------------------------------------- the optimiser
 def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velocity", *,
              initial: Union[Transform, RegistrationResult, None] = None,
              similarity: Optional[str] = "lncc", sim_options: Optional[dict] = None,
@@ -584,265 +346,6 @@ def optimise(fixed: Volume, moving: Volume, model: Union[str, nn.Module] = "velo
     return OptimiseResult(transform=transform, model_transform=model_tf, model=model,
                           history=reporter.history, timings=timings, device=str(dev), initial=init_t,
                           folded=bool(linear and folded), iterations_run=ran)
-
-
-def similarity_profile(fixed: Volume, moving: Volume, matrices, *, similarity: str,
-                       sim_options: Optional[dict] = None, level: int = 1, percentile: Optional[float] = 99.0,
-                       device="cpu") -> np.ndarray:
-    """The similarity loss :func:`optimise` would see at each of the given linear transforms.
-
-    The landscape of a similarity (e.g. a 1D sweep of rotation) evaluated through the optimiser's own
-    pipeline: intensities clipped to ``[min, percentile]`` and scaled to [0, 1], the fixed grid
-    box-averaged by the shrink factor ``level`` (the moving image by the same factor on its own
-    grid), the moving image sampled once through each transform (zeros outside). A stochastic
-    similarity is rebuilt for every transform from the same ``sim_options`` (``dsm``: the same seed,
-    so the same patch centres at every transform: the profile compares like with like).
-
-    Parameters
-    ----------
-    fixed, moving : Volume (z, y, x), each on its own grid (LPS)
-    matrices : (N, 4, 4) array-like
-        Homogeneous physical maps (xyz LPS mm), fixed points -> moving points.
-    similarity : a name of :mod:`app.engine.nn.similarity` (``'mi'``, ``'dsm'``, ...)
-    level : shrink factor of the fixed grid (one pyramid level of :func:`optimise`)
-
-    Returns
-    -------
-    (N,) float64 losses (lower is better).
-    """
-    mats = np.asarray(matrices, float).reshape(-1, 4, 4)
-    if not np.all(np.isfinite(mats)):
-        raise ValueError("similarity_profile: the matrices contain NaN or infinite values")
-    _check_image(fixed, "fixed")
-    _check_image(moving, "moving")
-    if int(level) < 1:
-        raise ValueError(f"level must be a shrink factor >= 1, got {level!r}")
-    dev = resolve_device(device)
-    from .datasets import normalize_intensity
-    norm = (lambda a: normalize_intensity(a, percentile)) if percentile is not None else (lambda a: a)
-    f_t = _tensor(norm(fixed.array), dev)
-    m_t = _tensor(norm(moving.array), dev)
-    full, mfull = tuple(f_t.shape[2:]), tuple(m_t.shape[2:])
-    lshape = tuple(max(4, int(round(s / level))) for s in full)
-    mshape = tuple(max(4, int(round(s / level))) for s in mfull)
-    f_l, m_l = _downsample(f_t, lshape), _downsample(m_t, mshape)
-    gf_l = grid_matrix(fixed) @ _level_scale(full, lshape)
-    gm_l_inv = np.linalg.inv(grid_matrix(moving) @ _level_scale(mfull, mshape))
-    out = np.empty(len(mats))
-    with torch.no_grad():
-        for i, m in enumerate(mats):
-            sim = get_similarity(similarity, **(sim_options or {}))
-            if hasattr(sim, "bind"):
-                sim = sim.bind(f_t, m_t)
-            k = torch.as_tensor(gm_l_inv @ m @ gf_l, dtype=torch.float64, device=dev)
-            warped = sample_through(m_l, k[None], lshape, padding_mode="zeros")
-            out[i] = float(sim(f_l, warped))
-    return out
-
-
-def warp_moving(result: OptimiseResult, fixed: Volume, moving: Volume, padding_mode: str = "itk") -> Volume:
-    """``moving`` warped onto ``fixed``'s grid by ``result``'s model with the optimiser's torch sampler.
-
-    The same sampling path as the optimisation at full resolution (intensities unchanged), for
-    checking the exported :attr:`OptimiseResult.transform` against ``SimpleITK.Resample``. Field
-    models sample the working image (``moving`` resampled through the initial transform), so with a
-    non-identity initial transform or a moving grid other than the fixed one this interpolates twice.
-
-    Returns
-    -------
-    Volume on ``fixed``'s grid, ``(z, y, x)`` float32.
-    """
-    model = result.model
-    linear = _is_linear(model)
-    dev = next(iter(model.buffers())).device
-    work, mgrid, pre = _working(linear, fixed, moving, result.initial, result.folded)
-    with torch.no_grad():
-        gf = torch.as_tensor(grid_matrix(fixed), dtype=torch.float64, device=dev)
-        gm_inv = torch.as_tensor(np.linalg.inv(grid_matrix(mgrid)), dtype=torch.float64, device=dev)
-        warp, _ = _sampler(model, fixed.shape, gm_inv, torch.as_tensor(pre, device=dev), gf, padding_mode)
-        out = warp(_tensor(work.array, dev))
-    return fixed.with_array(out[0, 0].float().cpu().numpy(), name=moving.name)
-
-
-def _working(linear: bool, fixed: Volume, moving: Volume, init_t: Transform, folded: bool):
-    """(image to sample, its grid, 4x4 matrix in front of the model) for the model kind and initial.
-
-    Linear models with a linear initial transform sample the moving image on its own grid (the
-    initial is folded into the model, or kept as the matrix in front of it); everything else
-    samples the working image: ``moving`` resampled once through ``init_t`` onto the fixed grid.
-    """
-    if linear and init_t.is_linear:
-        return moving, moving, (np.eye(4) if folded or init_t.kind == "identity" else _linear_matrix(init_t))
-    if init_t.kind == "identity" and moving.same_grid(fixed):
-        return moving, fixed, np.eye(4)
-    return spatial.resample(moving, fixed, init_t, "linear"), fixed, np.eye(4)
-
-
-def _sampler(model, shape_zyx, gm_inv: torch.Tensor, pre: torch.Tensor, gf: torch.Tensor, padding_mode: str):
-    """(warp(image) -> image on the fixed-level grid, level displacement or None) for the current parameters.
-
-    ``gf`` maps the fixed level grid's indices to physical points, ``gm_inv`` physical points to the
-    sampled image's indices (4x4, float64); ``pre`` is the matrix in front of a linear model.
-    """
-    if _is_linear(model):
-        k = gm_inv @ pre @ model.matrix() @ gf
-        return (lambda img: sample_through(img, k[None], shape_zyx, padding_mode=padding_mode)), None
-    disp = model.displacement(shape_zyx)
-    return (lambda img: spatial.warp_torch(img, disp, padding_mode=padding_mode)), disp
-
-
-# --------------------------------------------------------------------------- helpers
-def _check_image(v: Volume, name: str) -> None:
-    if not isinstance(v, Volume):
-        raise ValueError(f"{name} must be a Volume, got {type(v).__name__}")
-    if v.is_vector:
-        raise ValueError(f"{name} must be a scalar volume (z, y, x), got shape {v.array.shape}")
-    if min(v.shape) < 4:
-        raise ValueError(f"{name} is too small to register: shape {v.shape} (z, y, x)")
-
-
-def _check_schedule(levels, iterations) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shrink factors and iterations per level (``"4,2,1"``, a number or a sequence each)."""
-    from .paradigms.base import parse_number_list
-    lv = parse_number_list(levels, int, "levels")
-    it = parse_number_list(iterations, int, "iterations")
-    if any(v < 1 or v > 64 for v in lv):
-        raise ValueError(f"levels must be shrink factors between 1 and 64, got {levels!r}")
-    if any(v < 0 for v in it):
-        raise ValueError(f"iterations must be integers >= 0, got {iterations!r}")
-    if len(it) == 1:
-        it = it * len(lv)
-    if len(it) != len(lv):
-        raise ValueError(f"iterations gives {len(it)} numbers for {len(lv)} levels ({iterations!r} vs {levels!r})")
-    return lv, it
-
-
-def _check_landmarks(landmarks):
-    if landmarks is None:
-        return None
-    if not isinstance(landmarks, (tuple, list)) or len(landmarks) != 3:
-        raise ValueError("landmarks must be (fixed_points, moving_points, weight)")
-    fp, mp, w = landmarks
-    fp = np.asarray(getattr(fp, "points", fp), float)
-    mp = np.asarray(getattr(mp, "points", mp), float)
-    if fp.ndim != 2 or fp.shape[1] != 3 or fp.shape != mp.shape or len(fp) == 0:
-        raise ValueError(f"landmarks must be two (N, 3) arrays of LPS mm with N >= 1 matched by row, "
-                         f"got {fp.shape} and {mp.shape}")
-    if not np.all(np.isfinite(fp)) or not np.all(np.isfinite(mp)):
-        raise ValueError("landmarks contain NaN or infinite coordinates")
-    if not float(w) >= 0:
-        raise ValueError(f"landmark weight must be >= 0, got {w!r}")
-    return fp, mp, float(w)
-
-
-def _tensor(a: np.ndarray, dev) -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=dev)[None, None]
-
-
-def _downsample(img: torch.Tensor, shape) -> torch.Tensor:
-    """Area (box) downsampling of (B, C, D, H, W) to ``shape``; the full grid is returned as is.
-
-    Box averaging keeps the grids related as a strided grid and its parent (corners aligned), as
-    :func:`app.engine.nn.layers.resize_field` and :func:`_level_scale` assume.
-    """
-    if tuple(img.shape[2:]) == tuple(shape):
-        return img
-    return F.adaptive_avg_pool3d(img, tuple(shape))
-
-
-def _level_scale(full_shape, level_shape) -> np.ndarray:
-    """4x4: level-grid index (z, y, x) -> full-grid index of the same point (corners aligned)."""
-    s = np.eye(4)
-    for ax, (n_full, n_level) in enumerate(zip(full_shape, level_shape)):
-        r = n_full / n_level
-        s[ax, ax] = r
-        s[ax, 3] = 0.5 * r - 0.5
-    return s
-
-
-def _linear_matrix(t: Transform) -> np.ndarray:
-    """4x4 homogeneous matrix (xyz mm) of a linear Transform, from the images of 4 points."""
-    pts = np.vstack([np.zeros(3), np.eye(3)])
-    img = t.transform_points(pts)
-    m = np.eye(4)
-    m[:3, 3] = img[0]
-    m[:3, :3] = (img[1:] - img[0]).T
-    return m
-
-
-def _label_tensors(labels, fixed: Volume, mgrid: Volume, through: Optional[Transform], dev):
-    """One-hot (1, K, ...) float32 maps of the labels present in both: fixed on its grid, moving on ``mgrid``."""
-    if labels is None:
-        return None
-    if not isinstance(labels, (tuple, list)) or len(labels) != 2:
-        raise ValueError("labels must be (fixed_labels, moving_labels)")
-    fl, ml = labels
-    for name, v in (("fixed_labels", fl), ("moving_labels", ml)):
-        if not isinstance(v, Volume) or v.is_vector:
-            raise ValueError(f"{name} must be a scalar label map (LabelMap), got {type(v).__name__}")
-    fl = fl if fl.same_grid(fixed) else spatial.resample(LabelMap.from_volume(fl), fixed, None, "nearest")
-    if through is not None and through.kind != "identity" or not ml.same_grid(mgrid):
-        ml = spatial.resample(LabelMap.from_volume(ml), mgrid, through, "nearest")
-    fa, ma = np.asarray(fl.array), np.asarray(ml.array)
-    common = np.intersect1d(np.unique(fa), np.unique(ma))
-    common = common[common != 0]
-    if common.size == 0:
-        raise ValueError("the fixed and moving label maps share no non-zero label")
-    f1 = np.stack([(fa == k) for k in common]).astype(np.float32)
-    m1 = np.stack([(ma == k) for k in common]).astype(np.float32)
-    return (torch.as_tensor(f1, device=dev)[None], torch.as_tensor(m1, device=dev)[None])
-
-
-def _mask_tensor(mask: Optional[Volume], fixed: Volume, dev):
-    if mask is None:
-        return None
-    if not isinstance(mask, Volume) or mask.is_vector:
-        raise ValueError(f"mask must be a scalar Volume, got {type(mask).__name__}")
-    m = mask if mask.same_grid(fixed) else spatial.resample(LabelMap.from_volume(
-        mask.with_array((np.asarray(mask.array) != 0).astype(np.int32))), fixed, None, "nearest")
-    a = (np.asarray(m.array) != 0).astype(np.float32)
-    if not a.any():
-        raise ValueError("the mask is empty on the fixed grid")
-    return _tensor(a, dev)
-
-
-def _initial_points(t: Transform, fixed: Volume, dev) -> Optional[Callable]:
-    """``y -> T0(y)`` for (N, 3) torch points (xyz mm), differentiable in ``y``.
-
-    A non-linear ``T0`` is sampled as a dense displacement on the fixed grid and interpolated
-    trilinearly (edge values outside).
-    """
-    if t.kind == "identity":
-        return None
-    if t.is_linear:
-        m = torch.as_tensor(_linear_matrix(t), dtype=torch.float64, device=dev)
-        return lambda y: y @ m[:3, :3].T + m[:3, 3]
-    d0 = spatial.transform_to_field(t, fixed).array                             # (z, y, x, 3) xyz mm
-    d0_t = torch.as_tensor(np.moveaxis(d0, -1, 0)[None].copy(), dtype=torch.float64, device=dev)
-    g_inv = torch.as_tensor(np.linalg.inv(grid_matrix(fixed)), dtype=torch.float64, device=dev)
-
-    def apply(y):
-        idx = y @ g_inv[:3, :3].T + g_inv[:3, 3]                               # (N, 3) zyx index
-        d = spatial.sample_at_indices(d0_t, idx.T.reshape(1, 3, -1, 1, 1), "bilinear", "border")
-        return y + d.reshape(3, -1).T
-    return apply
-
-
-def _landmark_sq_distance(model, lm_t, disp_l, gf_l: torch.Tensor, pre_t: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance (mm^2) between ``T(fixed landmark)`` and the moving landmark."""
-    fp, mp, _, t0 = lm_t
-    if _is_linear(model):
-        m = pre_t @ model.matrix()
-        y = fp @ m[:3, :3].T + m[:3, 3]
-    else:
-        g_inv = torch.linalg.inv(gf_l)
-        idx = fp @ g_inv[:3, :3].T + g_inv[:3, 3]                               # (N, 3) level index zyx
-        u = spatial.sample_at_indices(disp_l.double(), idx.T.reshape(1, 3, -1, 1, 1), "bilinear", "border")
-        u_vox = u.reshape(3, -1).T                                              # (N, 3) zyx voxels
-        y = fp + u_vox @ gf_l[:3, :3].T                                         # level index vector -> mm
-    if t0 is not None:
-        y = t0(y)
-    return torch.mean(torch.sum((y - mp) ** 2, dim=1))
 
 
 class _Reporter:
