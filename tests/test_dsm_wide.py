@@ -203,3 +203,87 @@ def test_coarse_learning_rate_runs_the_first_level_apart_and_mi_gets_the_same_sc
         assert res.transform.kind == "rigid" and len(res.history) == 7
     # the first level's steps differ (3 mm vs 1 mm), so the paths differ
     assert hist[True][3]["loss"] != hist[False][3]["loss"]
+
+
+def test_cauchy_targets_share_the_peak_and_slope_and_keep_a_tail():
+    from app.engine.training.dsm import soft_target
+    for sigma in (1.0, 2.0):
+        assert soft_target(0.0, sigma, "gaussian") == soft_target(0.0, sigma, "cauchy") == 1.0
+        eps = 1e-4      # the same slope -1 / (2 sigma^2) at alignment
+        for shape in ("gaussian", "cauchy"):
+            assert (soft_target(eps, sigma, shape) - 1.0) / eps == pytest.approx(-1 / (2 * sigma ** 2), rel=1e-3)
+    # far off, the Gaussian target is ~0 (no ranking left to learn), the Cauchy one still falls with msd
+    assert soft_target(200.0, 2.0, "gaussian") < 1e-10
+    assert soft_target(100.0, 2.0, "cauchy") > soft_target(200.0, 2.0, "cauchy") > 0.03
+    with pytest.raises(ValueError, match="target shape"):
+        soft_target(1.0, 1.0, "laplace")
+    tr = _trainer({"target_sigma": "1,2", "target_shape": "gaussian,cauchy"})
+    _, fine, _ = tr._draw(np.random.default_rng(0), tr.train_sets, False, offset=(0, 3, 0), scale=0)
+    _, coarse, _ = tr._draw(np.random.default_rng(0), tr.train_sets, False, offset=(0, 3, 0), scale=1)
+    assert fine == pytest.approx(np.exp(-9 / 2)) and coarse == pytest.approx(1 / (1 + 9 / 8))
+    with pytest.raises(ValueError, match="target_shape"):
+        _trainer({"target_shape": "gaussian,cauchy,cauchy"})._shape(0)
+
+
+def test_a_rotated_frame_keeps_an_aligned_pair_aligned_and_rotates_both_patches():
+    tr = _trainer({"frame_fraction": 1.0})
+    frame = random_rotation(np.random.default_rng(5), 120.0)
+    pair, t, _ = tr._draw(np.random.default_rng(0), tr.train_sets, False, offset=(0, 0, 0), scale=0,
+                          frame_rotation=frame, rotation=np.eye(3))
+    assert t == pytest.approx(1.0)
+    # T2 = 1.1 - T1 voxel for voxel: the framed patches are still each other's remapping inside the grid
+    inside = pair[0] > 0
+    assert inside.mean() > 0.5 and np.allclose(pair[1][inside], 1.1 - pair[0][inside], atol=1e-5)
+    plain, _, _ = tr._draw(np.random.default_rng(0), tr.train_sets, False, offset=(0, 0, 0), scale=0)
+    assert not np.allclose(plain[0], pair[0])          # the frame turned the sampled axes
+    # the misalignment seen in a frame: msd of R Q o - Q o; a quarter turn frame about R's own axis is a
+    # symmetry of the cubic patch, so it leaves the msd unchanged
+    rot = np.array([[1.0, 0, 0], [0, np.cos(0.3), -np.sin(0.3)], [0, np.sin(0.3), np.cos(0.3)]])
+    quarter = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])
+    assert patch_msd((0, 0, 0), rot, 9, quarter) == pytest.approx(patch_msd((0, 0, 0), rot, 9))
+    _, t_rot, _ = tr._draw(np.random.default_rng(0), tr.train_sets, False, offset=(0, 0, 0), rotation=rot,
+                           scale=0, frame_rotation=frame)
+    assert t_rot == pytest.approx(np.exp(-patch_msd((0, 0, 0), rot, 9, frame) / 2))
+    # random frames are drawn for a share of the free samples only
+    tr0 = _trainer({"frame_fraction": 0.0})
+    a, _, _ = tr0._draw(np.random.default_rng(3), tr0.train_sets, False, kind="zero", scale=0)
+    tr1 = _trainer({"frame_fraction": 1.0})
+    b, _, _ = tr1._draw(np.random.default_rng(3), tr1.train_sets, False, kind="zero", scale=0)
+    assert not np.allclose(a, b)
+
+
+def test_coarse_patches_apply_to_the_first_level_only(monkeypatch):
+    from app.engine import optimise as opt_mod
+    seen = []
+    real = opt_mod.get_similarity
+
+    def spy(name, **kw):
+        seen.append(kw.get("patches"))
+        return real(name, **kw)
+
+    monkeypatch.setattr(opt_mod, "get_similarity", spy)
+    fixed = oblique_volume()
+    moving = fixed.with_array(1.0 - fixed.array, "inverted")
+    net = DsmNet(5, (4, 4, 4))
+    import app.engine.paradigms._learned as learned
+    monkeypatch.setattr(learned, "load_model", lambda *a, **k: {"model": net, "preprocessing": {"spacing_mm": [4.0]}})
+    reg = paradigms.get("dsm")
+    p = paradigms.make_params(reg.Params, {"levels": "2,1", "iterations": "2,2", "patches": 12, "coarse_patches": 8,
+                                           "similarity_map": False})
+    reg.register(fixed, moving, p, device="cpu")
+    assert seen and set(seen) == {8, 12} and seen.index(12) > seen.index(8)
+
+
+def test_skull_stripped_keeps_the_brain_and_a_margin_in_physical_mm():
+    from app.engine.training.dsm import skull_stripped
+    a = np.ones((10, 12, 14), np.float32)
+    lab = np.zeros(a.shape, np.int16)
+    lab[5, 6, 4:7] = 3                           # a short brain segment along x
+    # anisotropic: x voxels 1 mm, z voxels 3 mm; a 2 mm margin reaches 2 voxels along x, none along z
+    v = Volume(a, (1.0, 1.5, 3.0), (0.0, 0.0, 0.0), np.eye(3), "head")
+    out = skull_stripped(v, lab, margin_mm=2.0).array
+    assert out[5, 6, 4:7].all() and out[5, 6, 2] == 1 and out[5, 6, 8] == 1 and out[5, 6, 1] == 0
+    assert out[4, 6, 5] == 0 and out[6, 6, 5] == 0 and out[5, 7, 5] == 1 and out[5, 8, 5] == 0
+    assert out.sum() < a.sum() / 10
+    with pytest.raises(ValueError, match="one grid"):
+        skull_stripped(v, lab[:-1], 2.0)

@@ -48,6 +48,10 @@ class DsmParams:
                                         range=(0.0, 20.0))
     affine_iterations: int = param(30, "Adam iterations of the affine stage (finest level)", range=(1, 5000))
     patches: int = param(96, "random patches scored per iteration", range=(8, 65536))
+    coarse_patches: int = param(0, "patches scored per iteration at the first (coarsest) level when there are "
+                                "several; 0: patches. At 8 mm a 17-voxel patch covers most of the head, so a few "
+                                "patches tell as much as many, and each iteration there is cheaper",
+                                range=(0, 65536))
     patch_sampling: str = param("random", "patch centres: random ones drawn anew every iteration, or a regular "
                                 "lattice over the fixed foreground (at most `patches`, the same every iteration: "
                                 "a deterministic landscape, full Adam steps)", choices=("random", "lattice"))
@@ -76,11 +80,19 @@ class DsmTrainConfig(LoopConfig):
     max_offset: int = param(8, "largest displacement of a negative patch (voxels per axis)", range=(3, 32))
     target_sigma: str = param("1", "width (voxels) of the soft target exp(-msd / 2 sigma^2), one number or one "
                               "per spacing: wider at a coarse spacing grades the score over larger misalignments")
+    target_shape: str = param("gaussian", "fall-off of the soft target with the misalignment, one or one per spacing: "
+                              "gaussian exp(-msd / 2 sigma^2), or cauchy 1 / (1 + msd / 2 sigma^2) (the same peak, "
+                              "a heavy tail: the score keeps ranking large misalignments, a wider basin)")
     rotate_fraction: float = param(0.0, "share of displaced samples whose moving patch is also rotated about "
                                    "its centre (target from the mean squared displacement of its voxels)",
                                    range=(0.0, 1.0))
     max_rotation_deg: float = param(45.0, "largest rotation of a rotated moving patch (degrees)",
                                     range=(0.0, 180.0))
+    frame_fraction: float = param(0.0, "share of samples cut in a randomly rotated frame: both patches sampled "
+                                  "along rotated axes (the same anatomy seen at another head orientation, as a "
+                                  "fixed image in any pose shows it; the target is unchanged by the frame)",
+                                  range=(0.0, 1.0))
+    max_frame_deg: float = param(180.0, "largest rotation of the sampling frame (degrees)", range=(0.0, 180.0))
     multimodal_root: str = param("/work/shared/data/multimodal", "folder of aligned multimodal subjects")
     train_subjects: str = param("ms_cross_sectional_patient07,brats_tcga_du_7294",
                                 "aligned subjects trained on (comma separated folder names)")
@@ -88,6 +100,10 @@ class DsmTrainConfig(LoopConfig):
     ixi_subjects: int = param(8, "IXI training T1 images given random intensity remappings as a second "
                                  "modality (0: none)", range=(0, 10_000))
     synthetic_fraction: float = param(0.3, "share of samples from the remapped IXI images", range=(0.0, 1.0))
+    ixi_strip: float = param(0.0, "share of the remapped IXI samples cut from the skull-stripped image (the "
+                             "subject's brain labels, dilated by 2 mm): brains of many shapes, as skull-stripped "
+                             "multimodal scans show them (the aligned training subjects are two brains)",
+                             range=(0.0, 1.0))
     aug_intensity: bool = param(True, "random gamma per patch")
 
 
@@ -189,11 +205,12 @@ class DsmRegistrar:
         # the coarsest level may take larger steps (coarse_learning_rate); then the others from its result
         split = 1 if p.coarse_learning_rate > 0 and len(levels) > 1 else 0
         history = []
-        for lv, it, lr, done in ((levels[:split], iters[:split], p.coarse_learning_rate, 0),
-                                 (levels[split:], iters[split:], p.learning_rate, sum(iters[:split]))):
+        coarse_opts = {**opts, "patches": p.coarse_patches} if opts and p.coarse_patches else opts
+        for lv, it, lr, done, o in ((levels[:split], iters[:split], p.coarse_learning_rate, 0, coarse_opts),
+                                    (levels[split:], iters[split:], p.learning_rate, sum(iters[:split]), opts)):
             if not lv:
                 continue
-            r = optimise(fixed_w, moving, "rigid", initial=start, similarity=p.similarity, sim_options=opts,
+            r = optimise(fixed_w, moving, "rigid", initial=start, similarity=p.similarity, sim_options=o,
                          levels=lv, iterations=it, optimizer="adam", lr=lr, percentile=99.0,
                          progress=progress, cancel=cancel, device=device, stage="rigid",
                          fraction=(done / total, (done + sum(it)) / total))

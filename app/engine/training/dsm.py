@@ -16,7 +16,10 @@ small ``|d_i| <= 2`` a third, large ``3 <= |d|_inf <= max_offset`` a third) and,
 ``rotate_fraction`` of the displaced samples, a rotation ``R`` (random axis, angle up to
 ``max_rotation_deg``); the input is the pair of patches A at ``c + o`` and B at ``c + d + R o``
 for the patch offsets ``o`` (B zero outside its grid, as a warped moving image is; linear
-interpolation when rotated). The target is ``exp(-msd / (2 sigma^2))`` with ``msd`` the mean squared
+interpolation when rotated); a share ``frame_fraction`` of the samples is cut in a rotated frame
+``Q`` (A at ``c + Q o``, B at ``c + d + R Q o``): the anatomy at another head pose, as a fixed image
+in any orientation shows it. The target is ``exp(-msd / (2 sigma^2))`` (or the heavy-tailed
+``1 / (1 + msd / (2 sigma^2))``, ``target_shape=cauchy``, per scale) with ``msd`` the mean squared
 displacement of the patch's voxels, ``|d|^2 + mean |(R - I) o|^2`` (``|d|^2`` for a translation),
 and ``sigma`` (voxels) per scale (``target_sigma``, 1 by default): 1 when the patches correspond,
 falling off smoothly with the misalignment, so the learned score peaks at alignment and has a
@@ -48,6 +51,24 @@ from .loop import Trainer
 log = logging.getLogger(__name__)
 
 SIGMA_VOX = 1.0    # the default soft-target width (voxels; ``target_sigma``)
+
+
+def soft_target(msd: float, sigma: float, shape: str = "gaussian") -> float:
+    """The soft correspondence target of a patch whose voxels moved by ``msd`` (mean squared, voxels^2).
+
+    ``gaussian``: ``exp(-msd / 2 sigma^2)``; ``cauchy``: ``1 / (1 + msd / 2 sigma^2)``: the same value
+    and slope at alignment, but a heavy tail, so a network trained on it still ranks misalignments far
+    beyond ``sigma`` (its loss ``-log t ~ log(msd)`` keeps a slope where the Gaussian's target is ~0).
+    """
+    u = float(msd) / (2.0 * float(sigma) ** 2)
+    if shape == "gaussian":
+        return float(np.exp(-u))
+    if shape == "cauchy":
+        return float(1.0 / (1.0 + u))
+    raise ValueError(f"unknown target shape {shape!r} (gaussian or cauchy)")
+
+
+TARGET_SHAPES = ("gaussian", "cauchy")
 
 
 def _ints(text) -> list[int]:
@@ -82,6 +103,18 @@ def modality_files(folder: Path) -> dict[str, Path]:
     return out
 
 
+def skull_stripped(image: Volume, labels, margin_mm: float = 2.0) -> Volume:
+    """``image`` with everything farther than ``margin_mm`` from the brain (``labels > 0``, on the
+    image's grid) set to zero: a skull-stripped scan made from a labelled head."""
+    from scipy import ndimage
+    lab = np.asarray(labels.array if hasattr(labels, "array") else labels)
+    if lab.shape != image.array.shape:
+        raise ValueError(f"labels {lab.shape} and image {image.array.shape} are not on one grid")
+    sampling = tuple(float(s) for s in image.spacing[::-1])      # (z, y, x) spacing of the arrays
+    dist = ndimage.distance_transform_edt(lab == 0, sampling=sampling)
+    return image.with_array(np.where(dist <= margin_mm, image.array, 0).astype(np.float32), image.name)
+
+
 def random_lut(rng: np.random.Generator, knots: int = 6):
     """A smooth random intensity remapping [0, 1] -> [0, 1] that is usually not monotone."""
     xs = np.linspace(0, 1, knots)
@@ -98,10 +131,13 @@ def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     return Rotation.from_rotvec(axis * np.deg2rad(rng.uniform(0.0, float(max_deg)))).as_matrix()
 
 
-def patch_msd(offset, rotation, patch: int) -> float:
-    """Mean squared displacement (voxels^2) of a patch's voxels moved by ``c + o -> c + offset + R o``."""
+def patch_msd(offset, rotation, patch: int, frame=None) -> float:
+    """Mean squared displacement (voxels^2) of a patch's voxels moved by ``c + o -> c + offset + R o``;
+    with a sampling ``frame`` ``Q`` the voxels are ``c + Q o`` and move to ``c + offset + R Q o``."""
     r = patch // 2
     o = np.stack(np.meshgrid(*[np.arange(-r, r + 1)] * 3, indexing="ij"), -1).reshape(-1, 3).astype(float)
+    if frame is not None:
+        o = o @ np.asarray(frame, float).T
     rot = np.eye(3) if rotation is None else np.asarray(rotation, float)
     disp = o @ (rot - np.eye(3)).T
     return float((np.asarray(offset, float) ** 2).sum() + (disp ** 2).sum(1).mean())
@@ -145,7 +181,8 @@ class DsmTrainer(Trainer):
         self.scales = _floats(cfg.spacing_mm)
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"spacing_mm must list positive spacings like 2,4, got {cfg.spacing_mm!r}")
-        self._sigma(0)          # target_sigma checked against the scales before any data is read
+        self._sigma(0)          # target_sigma / target_shape checked against the scales before any data is read
+        self._shape(0)
         root = Path(cfg.multimodal_root)
         self.train_sets = self._load_sets(root, cfg.train_subjects, progress)
         self.val_sets = self._load_sets(root, cfg.val_subjects, progress) if cfg.val_subjects else []
@@ -155,8 +192,12 @@ class DsmTrainer(Trainer):
         for i, name in enumerate(names):
             path = Path(cfg.data_root) / "t1" / f"{name}_T1.nii.gz"
             v = io.read_volume(path)
-            self.ixi_sets.append({"name": name, "scales": [{"T1": normalize_intensity(to_isotropic(v, s).array, 99.0)}
-                                                           for s in self.scales]})
+            images = {"T1": v}
+            if float(getattr(cfg, "ixi_strip", 0.0)) > 0:
+                images["T1_stripped"] = skull_stripped(v, io.read_labels(Path(cfg.data_root) / "seg" /
+                                                                         f"{name}_T1_DLMUSE.nii.gz"))
+            self.ixi_sets.append({"name": name, "scales": [{k: normalize_intensity(to_isotropic(im, s).array, 99.0)
+                                                            for k, im in images.items()} for s in self.scales]})
             if progress:
                 progress(Progress("load", i + 1, len(names), message=f"IXI {name}"))
         if resume is not None:
@@ -208,10 +249,20 @@ class DsmTrainer(Trainer):
                              f"got {self.cfg.target_sigma!r}")
         return float(sig[scale_index] if len(sig) > 1 else sig[0])
 
+    def _shape(self, scale_index: int) -> str:
+        """Soft-target fall-off at scale ``scale_index`` (``target_shape``: one name or one per scale)."""
+        shapes = [s.strip() for s in str(getattr(self.cfg, "target_shape", "gaussian") or "gaussian").split(",")
+                  if s.strip()]
+        if len(shapes) not in (1, len(self.scales)) or any(s not in TARGET_SHAPES for s in shapes):
+            raise ValueError(f"target_shape must be one of {sorted(TARGET_SHAPES)}, once or one per spacing "
+                             f"({len(self.scales)}), got {getattr(self.cfg, 'target_shape', None)!r}")
+        return shapes[scale_index] if len(shapes) > 1 else shapes[0]
+
     def _draw(self, rng: np.random.Generator, sets: list[dict], synthetic: bool, kind: str | None = None,
-              offset=None, rotation=None, scale: int | None = None):
+              offset=None, rotation=None, scale: int | None = None, frame_rotation=None):
         """One (pair (2, P, P, P) float32, target, offset (3,) voxels zyx) sample; ``offset`` forces d
-        (no rotation unless ``rotation`` (3, 3) is given), ``scale`` forces the scale index."""
+        (no rotation unless ``rotation`` (3, 3) is given), ``scale`` forces the scale index,
+        ``frame_rotation`` (3, 3) the sampling frame (none unless given when ``offset`` or ``rotation`` is)."""
         cfg = self.cfg
         p, r = cfg.patch, cfg.patch // 2
         si = int(rng.integers(len(self.scales)))
@@ -219,7 +270,8 @@ class DsmTrainer(Trainer):
             si = int(scale)
         s = sets[int(rng.integers(len(sets)))]["scales"][si]
         if synthetic:
-            base = s["T1"]
+            strip = "T1_stripped" in s and rng.random() < float(getattr(cfg, "ixi_strip", 0.0))
+            base = s["T1_stripped" if strip else "T1"]
             a = random_lut(rng)(base) if rng.random() < 0.5 else base
             b = random_lut(rng)(base)
         else:
@@ -252,14 +304,24 @@ class DsmTrainer(Trainer):
         if len(idx) == 0:
             raise ValueError(f"an image of {sets[0]['name']} is too small for patches of {p} voxels")
         c = idx[int(rng.integers(len(idx)))] + r
-        pa = a[c[0] - r:c[0] + r + 1, c[1] - r:c[1] + r + 1, c[2] - r:c[2] + r + 1]
-        pb = cut_patch(b, c, d, rot, p)
+        # a rotated sampling frame Q: A at c + Q o, B at c + d + R Q o (the same anatomy at another head pose)
+        frame = None
+        if frame_rotation is not None:
+            frame = np.asarray(frame_rotation, float)
+        elif offset is None and rotation is None and rng.random() < float(getattr(cfg, "frame_fraction", 0.0)):
+            frame = random_rotation(rng, float(getattr(cfg, "max_frame_deg", 180.0)))
+        if frame is None:
+            pa = a[c[0] - r:c[0] + r + 1, c[1] - r:c[1] + r + 1, c[2] - r:c[2] + r + 1]
+            pb = cut_patch(b, c, d, rot, p)
+        else:
+            pa = cut_patch(a, c, np.zeros(3, int), frame, p)
+            pb = cut_patch(b, c, d, frame if rot is None else rot @ frame, p)
         if cfg.aug_intensity:
             pa = np.clip(pa, 0, 1) ** rng.uniform(0.7, 1.4)
             pb = np.clip(pb, 0, 1) ** rng.uniform(0.7, 1.4)
         sigma = self._sigma(si)
-        msd = float((d ** 2).sum()) if rot is None else patch_msd(d, rot, p)
-        target = float(np.exp(-msd / (2 * sigma ** 2)))
+        msd = float((d ** 2).sum()) if rot is None else patch_msd(d, rot, p, frame)
+        target = soft_target(msd, sigma, self._shape(si))
         return np.stack([pa, pb]).astype(np.float32), target, d
 
     def sample(self, step, rng, step_rng):
@@ -316,6 +378,23 @@ class DsmTrainer(Trainer):
                 lg = self.model(torch.as_tensor(np.stack([pr2, pr5]), device=self.device))
                 wins += int(lg[0] > lg[1])
             out["grade"] = wins / n
+            # the same on the coarsest scale in a random frame (any head pose): misrotated by 10 vs 40 deg
+            # about one axis, and aligned vs 20 deg; the ranking a coarse rigid search climbs
+            from scipy.spatial.transform import Rotation
+            wins10, wins0 = 0, 0
+            for k in range(n):
+                g = np.random.default_rng(3000 + k)
+                frame = random_rotation(g, 180.0)
+                axis = g.normal(size=3)
+                axis /= np.linalg.norm(axis)
+                rots = [Rotation.from_rotvec(axis * np.deg2rad(a)).as_matrix() for a in (0.0, 10.0, 20.0, 40.0)]
+                prs = [self._draw(np.random.default_rng(4000 + k), self.val_sets, False, offset=(0, 0, 0),
+                                  rotation=rt, scale=coarse, frame_rotation=frame)[0] for rt in rots]
+                lg = self.model(torch.as_tensor(np.stack(prs), device=self.device)).float()
+                wins10 += int(lg[1] > lg[3])
+                wins0 += int(lg[0] > lg[2])
+            out["frame_grade"] = wins10 / n
+            out["frame_peak"] = wins0 / n
             pos = [self._draw(rng, self.val_sets, False, kind="zero")[0] for _ in range(64)]
             neg = [self._draw(rng, self.val_sets, False, kind="large")[0] for _ in range(64)]
             lp = self.model(torch.as_tensor(np.stack(pos), device=self.device)).float().cpu().numpy()
@@ -328,12 +407,17 @@ class DsmTrainer(Trainer):
         cfg = self.cfg
         return {"data": {"multimodal_train": cfg.train_subjects, "multimodal_val": cfg.val_subjects,
                          "ixi_synthetic": [s["name"] for s in self.ixi_sets]},
-                "loss": (f"BCE with logits on soft targets exp(-msd / 2 sigma^2) (msd: mean squared voxel "
+                "loss": (f"BCE with logits on soft targets ({getattr(cfg, 'target_shape', 'gaussian')}: gaussian "
+                         f"exp(-msd / 2 sigma^2), cauchy 1 / (1 + msd / 2 sigma^2); msd: mean squared voxel "
                          f"displacement of the patch), sigma {cfg.target_sigma} voxels at {cfg.spacing_mm} mm"),
                 "offsets": f"zero / small (|d_i| <= 2) / large (3..{cfg.max_offset}) voxels, one third each",
                 "rotations": (f"{cfg.rotate_fraction:.0%} of displaced samples rotated up to "
                               f"{cfg.max_rotation_deg:g} deg" if cfg.rotate_fraction > 0 else "none"),
+                "skull_stripped_ixi": float(getattr(cfg, "ixi_strip", 0.0)),
+                "frames": (f"{cfg.frame_fraction:.0%} of samples cut in a frame rotated up to {cfg.max_frame_deg:g} "
+                           f"deg" if getattr(cfg, "frame_fraction", 0.0) > 0 else "none"),
                 "augmentation": "gamma 0.7-1.4 per patch" if cfg.aug_intensity else "none"}
 
     def summary(self, val: dict) -> str:
-        return " ".join(f"{k} {val[k]:.3f}" for k in ("loss", "rank1", "rank3", "grade", "auc") if k in val)
+        return " ".join(f"{k} {val[k]:.3f}" for k in ("loss", "rank1", "rank3", "grade", "frame_grade", "frame_peak",
+                                                     "auc") if k in val)
