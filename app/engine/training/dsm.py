@@ -274,10 +274,12 @@ class DsmTrainer(Trainer):
             base = s["T1_stripped" if strip else "T1"]
             a = random_lut(rng)(base) if rng.random() < 0.5 else base
             b = random_lut(rng)(base)
+            fg_image = base         # centres inside the head or brain, whatever the remapping made of it
         else:
             mods = list(s)
             i, j = rng.choice(len(mods), 2, replace=False)
             a, b = s[mods[i]], s[mods[j]]
+            fg_image = a
         kind = kind or ("zero", "small", "large")[int(rng.integers(3))]
         big = int(cfg.max_offset)
         if offset is not None:
@@ -299,7 +301,7 @@ class DsmTrainer(Trainer):
         # the fixed patch lies inside its grid (as the optimiser's patches do); the moving one may
         # reach outside its grid, where it is zero (as a warped moving image is)
         shape = np.array(a.shape)
-        fg = a[r:shape[0] - r, r:shape[1] - r, r:shape[2] - r] > 0.1
+        fg = fg_image[r:shape[0] - r, r:shape[1] - r, r:shape[2] - r] > 0.1
         idx = np.argwhere(fg)
         if len(idx) == 0:
             raise ValueError(f"an image of {sets[0]['name']} is too small for patches of {p} voxels")
