@@ -135,7 +135,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dsm-params", default="", help="parameters given to both dsm-paradigm methods alike "
                     "(dsm and mi_adam: same optimiser, levels, patches), e.g. 'levels=4,2,1;iterations=40,40,30'")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the .jsonl next to --out")
+    ap.add_argument("--shard", default="", help="K/N: run every N-th case from the K-th (0-based) into "
+                    "OUT.shardK.jsonl; run the N shards side by side, then --merge N")
+    ap.add_argument("--merge", type=int, default=0, help="N: join OUT.shard0..N-1.jsonl into OUT's .jsonl and report")
     args = ap.parse_args(argv)
+    if args.merge:
+        out = Path(args.out)
+        rows = [json.loads(line) for k in range(args.merge)
+                for line in open(out.with_suffix(f".shard{k}.jsonl"))]
+        rows.sort(key=lambda r: (r["band"], r["index"], args.methods.split(",").index(r["method"])
+                                 if r["method"] in args.methods.split(",") else 99))
+        out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_report(rows, [m for m in args.methods.split(",") if any(r["method"] == m for r in rows)], args, out)
+        return 0
     if args.report_only:
         rows = [json.loads(line) for line in open(Path(args.out).with_suffix(".jsonl"))]
         write_report(rows, [m for m in args.methods.split(",") if any(r["method"] == m for r in rows)], args,
@@ -146,11 +158,17 @@ def main(argv=None) -> int:
         raise SystemExit(f"no subject matches {args.subjects!r}")
     bands = tuple(tuple(float(x) for x in b.split(":")) for b in args.bands.split(","))
     cases = make_cases(subjects, per_band=args.per_band, bands=bands, seed=args.seed)
+    jsonl = Path(args.out).with_suffix(".jsonl")
+    if args.shard:
+        k, n = (int(x) for x in args.shard.split("/"))
+        if not 0 <= k < n:
+            raise SystemExit(f"--shard K/N needs 0 <= K < N, got {args.shard!r}")
+        cases = cases[k::n]
+        jsonl = Path(args.out).with_suffix(f".shard{k}.jsonl")
     methods = args.methods.split(",")
     dsm_params = dict(kv.split("=", 1) for kv in args.dsm_params.split(";") if kv.strip())
     cache: dict = {}
     rows = []
-    jsonl = Path(args.out).with_suffix(".jsonl")
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     with open(jsonl, "w") as fh:
         for case in cases:
@@ -170,7 +188,8 @@ def main(argv=None) -> int:
                 print(f"{case.label:>12} {case.subject:<45} {m:<7} start {start:6.2f} -> {err:7.2f} mm "
                       f"{secs:5.1f} s (cpu {cpu:5.1f} s) {chosen.get('multimodal', '')} "
                       f"{[(g['stage'], g['kept']) for g in chosen.get('guards', [])]}", flush=True)
-    write_report(rows, methods, args, Path(args.out))
+    if not args.shard:
+        write_report(rows, methods, args, Path(args.out))
     return 0
 
 
