@@ -104,6 +104,9 @@ METHODS = {
     "mi_adam": ("dsm", {"similarity": "mi"}),
     "dsm_bundled": ("dsm", {"similarity_map": False}),   # the bundled checkpoint whatever --checkpoint says
     "dsm_lattice": ("dsm", {"similarity_map": False, "patch_sampling": "lattice"}),
+    # a longer coarse level (150 Adam steps at 8 mm, fewer patches there) and 60 at 4 mm, for both similarities
+    "dsm_long": ("dsm", {"similarity_map": False, "iterations": "150,60,30", "coarse_patches": 32}),
+    "mi_long": ("dsm", {"similarity": "mi", "iterations": "150,60,30"}),
 }
 
 
