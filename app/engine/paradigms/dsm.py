@@ -41,14 +41,15 @@ class DsmParams:
                             choices=("dsm", "mi"))
     levels: str = param("4,2,1", "pyramid shrink factors of the working grid, coarse to fine (8, 4, 2 mm for the "
                         "bundled 2 mm checkpoint: its 8 mm patches cover most of the head)")
-    iterations: str = param("60,30,30", "Adam iterations per level (one number, or one per level)")
+    iterations: str = param("150,60,30", "Adam iterations per level (one number, or one per level); 150 at 8 mm: "
+                            "with 60 there both dsm and MI ran out of steps beyond 60 deg of misalignment")
     coarse_learning_rate: float = param(3.0, "Adam step (mm) of the first (coarsest) level when there are several; "
                                         "0: learning_rate. A larger step there lets the coarse level travel "
                                         "farther in its iterations (a wider capture range at the same cost)",
                                         range=(0.0, 20.0))
     affine_iterations: int = param(30, "Adam iterations of the affine stage (finest level)", range=(1, 5000))
     patches: int = param(96, "random patches scored per iteration", range=(8, 65536))
-    coarse_patches: int = param(0, "patches scored per iteration at the first (coarsest) level when there are "
+    coarse_patches: int = param(32, "patches scored per iteration at the first (coarsest) level when there are "
                                 "several; 0: patches. At 8 mm a 17-voxel patch covers most of the head, so a few "
                                 "patches tell as much as many, and each iteration there is cheaper",
                                 range=(0, 65536))
