@@ -237,10 +237,14 @@ def test_register_reports_every_step_with_its_pose(agent_ckpt):
     assert end["converged"] is False and "cap" in end["reason"]
     assert res.warnings and "did not converge" in res.warnings[0]
     assert res.transform.kind == "rigid" and res.warped.same_grid(fixed)
+    # 6 x 8 mm along +x made the pair worse than the centre-of-mass start: the stage check keeps that pose
+    sc = res.checks["stage_check"]
+    assert sc["kept"] == "prealigned" and any("the agent stage made the pair" in w for w in res.warnings)
+    assert end["pose"][0] == pytest.approx(end["start_pose"][0] + 48.0)
     centre = np.asarray(end["centre"])
     pts = np.array([[0.0, 0.0, 0.0], [10.0, -5.0, 3.0]])
     np.testing.assert_allclose(res.transform.transform_points(pts),
-                               RP.pose_transform(end["pose"], centre).transform_points(pts), atol=1e-6)
+                               RP.pose_transform(end["start_pose"], centre).transform_points(pts), atol=1e-6)
     # centre-of-mass start: the moving blob sits 3, -2, 1 mm away
     np.testing.assert_allclose(end["start_pose"][:3], [3, -2, 1], atol=0.6)
 
@@ -251,8 +255,10 @@ def test_register_from_an_initial_transform_returns_the_chain(agent_ckpt):
     path, _, _ = agent_ckpt
     fixed = _blob_volume((24, 26, 28), (2.0, 2.1, 1.9), name="fixed")
     initial = Transform(sitk.TranslationTransform(3, (2.0, 0.0, 0.0)))
-    res = paradigms.get("agent").register(fixed, fixed, AgentParams(max_steps=3), checkpoint=str(path),
+    # steps of 0.1 mm: the final pose stays within the stage check's margins of the start (the chain is kept)
+    res = paradigms.get("agent").register(fixed, fixed, AgentParams(max_steps=3, steps="0.1"), checkpoint=str(path),
                                           initial=initial, device="cpu")
+    assert res.checks["stage_check"]["kept"] == "agent"
     own = RP.pose_transform(res.history[-1]["pose"], res.history[-1]["centre"])
     pts = np.array([[1.0, 2.0, 3.0]])
     np.testing.assert_allclose(res.transform.transform_points(pts),
@@ -291,7 +297,11 @@ def test_a_pipeline_keeps_the_agents_warning(agent_ckpt):
     fixed = _blob_volume((24, 26, 28), (2.0, 2.1, 1.9), name="fixed")
     res = register_pipeline("agent+agent", fixed, fixed, {"1.max_steps": 2, "2.max_steps": 1},
                             checkpoint={"agent": str(path)}, device="cpu")
-    assert [w.split(":")[0] for w in res.warnings] == ["stage 1 (agent)", "stage 2 (agent)"]
+    unconverged = [w.split(":")[0] for w in res.warnings if "did not converge" in w]
+    assert unconverged == ["stage 1 (agent)", "stage 2 (agent)"]
+    # each stage's 16 / 8 mm step along +x made the pair worse: each stage's check says so and is kept
+    assert set(res.checks) == {"1:agent", "2:agent"}
+    assert all(c["stage_check"]["flagged"] for c in res.checks.values())
     ends = [h for h in res.history if h["stage"] == "agent_end"]
     assert [e["pipeline_stage"] for e in ends] == [1, 2]
 

@@ -22,6 +22,9 @@ the message; the result's ``history`` holds every step (pose, action, step size,
 a last record with ``converged`` and the reason; a run that did not converge says so in
 ``RegistrationResult.warnings``. Known limit: the agent can also settle in a wrong pose without
 hitting the cap (seen from 45 degree starts); the image similarity rule catches only part of that.
+The stage check (:func:`app.engine.stagecheck.guard_learned`: start, prealignment, final pose on the
+fixed grid) keeps the better earlier stage when the final pose made the pair worse, with a warning
+and the record in ``RegistrationResult.checks``.
 """
 from __future__ import annotations
 
@@ -191,6 +194,18 @@ def register_agent(key: str, fixed: Volume, moving: Volume, params: AgentParams,
     check_cancel(cancel)
     own = RP.pose_transform(ep.pose, centre)
     transform = start.then(own) if start is not None else own
+    # never worse than its start (issue 11): the start, the prealignment and the final pose measured on the
+    # fixed grid (app.engine.stagecheck), the better kept; a wrong pose the agent settled in without hitting
+    # the cap is caught here too
+    from ..stagecheck import guard_learned
+    s0 = start or Transform.identity()
+    checked = [("start", s0)]
+    if params.prealign == "center_of_mass":
+        pre = RP.pose_transform(pose0, centre)
+        checked.append(("prealigned", start.then(pre) if start is not None else pre))
+    checked.append(("agent", transform))
+    kept, checks, more = guard_learned(fixed, moving, checked, ckpt, checkpoints.checkpoint_id(ckpt).split("@")[0])
+    transform = dict(checked)[kept]
     if progress:
         progress(Progress("resample", message="resampling the moving image once", fraction=0.92))
     warped = resample(moving, fixed, transform, "linear")
@@ -200,17 +215,18 @@ def register_agent(key: str, fixed: Volume, moving: Volume, params: AgentParams,
                     "pose": [float(v) for v in ep.pose], "start_pose": [float(v) for v in pose0],
                     "centre": [float(v) for v in centre], "ncc_start": sim0, "ncc_end": sim1})
     timings = {"preprocess": round(t_prep - t_start, 4), "agent": round(t_agent - t_prep, 4),
-               "resample": round(t_end - t_agent, 4), "total": round(t_end - t_start, 4)}
+               "resample": round(t_end - t_agent, 4), "total": round(t_end - t_start, 4),
+               "checks": checks["seconds"]}
     if progress:
         verdict = "converged" if converged else "did not converge"
         progress(Progress("done", message=f"{verdict} after {len(ep.actions)} actions ({reason}); "
                                           f"{timings['total']:.2f} s on {dev.type}", fraction=1.0,
                           pose=tuple(float(v) for v in ep.pose)))
-    warnings = [] if converged else [f"the agent did not converge: {reason}"]
+    warnings = ([] if converged else [f"the agent did not converge: {reason}"]) + more
     return RegistrationResult(transform=transform, warped=warped, field=None, history=history, timings=timings,
                               device=str(dev), paradigm=key, params=params_to_dict(params),
                               checkpoint_id=checkpoints.checkpoint_id(ckpt), warped_labels=warped_labels,
-                              warnings=warnings)
+                              warnings=warnings, checks=checks)
 
 
 def _pose_text(pose) -> str:

@@ -130,6 +130,9 @@ class DsmRegistrar:
         ``checkpoint`` None: the bundled ``resources/checkpoints/dsm.pt``; one of another paradigm is
         refused; a 2D image or a vector image is refused (ValueError). A pair that looks like one
         modality gets a warning through ``progress`` (the network was trained on multimodal pairs).
+        Every stage (start, prealigned, rigid, affine) is measured on the fixed grid
+        (:func:`app.engine.stagecheck.guard_learned`): one that made the pair worse is dropped, the
+        better earlier stage's transform is the result, a warning names it (``result.checks``).
         """
         import torch  # noqa: F401  (the optimiser needs it; keeps the module import cheap)
         from .. import checkpoints, modality
@@ -198,6 +201,7 @@ class DsmRegistrar:
             start = Transform(sitk.TranslationTransform(3, tuple(float(s) for s in shift)), "rigid")
         else:
             start = Transform.identity()
+        prealigned = start
         timings = {"prepare": time.perf_counter() - t_start}
         stages = p.stages.split("+")
         n_aff = p.affine_iterations if "affine" in stages else 0
@@ -219,6 +223,7 @@ class DsmRegistrar:
             start = r.transform
         timings["rigid"] = time.perf_counter() - t0
         transform = r.transform
+        rigid = transform
         if n_aff:
             t0 = time.perf_counter()
             r = optimise(fixed_w, moving, "affine", initial=transform, similarity=p.similarity, sim_options=opts,
@@ -229,6 +234,19 @@ class DsmRegistrar:
             transform = r.transform
             timings["affine"] = time.perf_counter() - t0
         check_cancel(cancel)
+        # never worse than its start (issue 11): every stage measured on the fixed grid, the better kept
+        # (app.engine.stagecheck). similarity=mi has no checkpoint: an empty one has no expectations, so the
+        # input check is a no-op and only the stage check runs (the bundled dsm checkpoint names none either)
+        from ..stagecheck import guard_learned
+        checked = [("start", initial if initial is not None else Transform.identity())]
+        checked += [("prealigned", prealigned)] if initial is None and p.prealign == "center_of_mass" else []
+        checked += [("rigid", rigid)] + ([("affine", transform)] if n_aff else [])
+        kept, checks, more = guard_learned(fixed, moving, checked, ckpt if ckpt is not None else {},
+                                           checkpoints.checkpoint_id(ckpt).split("@")[0] if ckpt is not None
+                                           else "no checkpoint (similarity=mi)")
+        warnings += more
+        transform = dict(checked)[kept]
+        timings["checks"] = checks["seconds"]
         t0 = time.perf_counter()
         warped = resample(moving, fixed, transform, "linear")
         warped_labels = resample(moving_labels, fixed, transform, "nearest") if moving_labels is not None else None
@@ -247,7 +265,8 @@ class DsmRegistrar:
                                   params={**params_to_dict(p), "modality": decision.to_dict(),
                                           "warnings": warnings},
                                   checkpoint_id=checkpoints.checkpoint_id(ckpt) if ckpt is not None else None,
-                                  warped_labels=warped_labels, warnings=list(warnings), similarity_map=sim_map)
+                                  warped_labels=warped_labels, warnings=list(warnings), similarity_map=sim_map,
+                                  checks=checks)
 
 
 def agreement_map(net, fixed: Volume, moving: Volume, transform: Transform, spacing_mm: float,
