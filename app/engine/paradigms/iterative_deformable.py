@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from ..types import Cancelled, Transform
+from ..types import Transform
 from .iterative_guards import _deformable_gain
 from .iterative_run import _execute, _Run, _set_metric, _sigmas
 
@@ -180,14 +180,7 @@ def _demons_stage(run: _Run, f_img, m_img, previous: Transform) -> Transform:
                 filt.StopRegistration()
 
         filt.AddCommand(sitk.sitkIterationEvent, on_iteration)
-        try:
-            field = filt.Execute(fl, ml, init)
-        except RuntimeError:
-            if run.cancelled:
-                raise Cancelled("registration cancelled by the user") from None
-            raise
-        if run.should_stop():
-            raise Cancelled("registration cancelled by the user")
+        field = run.execute(lambda: filt.Execute(fl, ml, init))
         count = base + filt.GetElapsedIterations()
     if run.dlevels[-1] > 1:
         field = sitk.Resample(field, f_img, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)

@@ -75,6 +75,19 @@ class _Run:
             self.cancelled = True
         return self.cancelled
 
+    def execute(self, call):
+        """``call()`` (a SimpleITK filter's or registration's ``Execute``) stopped by a cancel: its
+        RuntimeError then, or a cancel seen after it returned, becomes :class:`Cancelled`."""
+        try:
+            out = call()
+        except RuntimeError:
+            if self.cancelled:
+                raise Cancelled("registration cancelled by the user") from None
+            raise
+        if self.should_stop():
+            raise Cancelled("registration cancelled by the user")
+        return out
+
 
 def _parse_levels(text: str, name: str) -> list[int]:
     if not str(text).strip(" ,()[]"):
@@ -155,12 +168,5 @@ def _execute(run: _Run, reg: sitk.ImageRegistrationMethod, stage: str, f_img, m_
 
     reg.AddCommand(sitk.sitkIterationEvent, on_iteration)
     reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, on_level)
-    try:
-        reg.Execute(f_img, m_img)
-    except RuntimeError:
-        if run.cancelled:
-            raise Cancelled("registration cancelled by the user") from None
-        raise
-    if run.should_stop():
-        raise Cancelled("registration cancelled by the user")
+    run.execute(lambda: reg.Execute(f_img, m_img))
     return count["it"]
