@@ -117,8 +117,9 @@ def test_a_few_training_steps_lower_the_loss():
     _, t1, _ = tr._draw(np.random.default_rng(1), tr.train_sets, False, offset=(0, 1, 0))
     assert t0 == 1.0 and 0.5 < t1 < 0.7 and not d0.any()
     val = tr.validate()
-    assert set(val) == {"loss", "rank1", "rank3", "grade", "frame_grade", "frame_peak", "auc"}
-    assert all(0.0 <= val[k] <= 1.0 for k in ("rank1", "rank3", "grade", "frame_grade", "frame_peak", "auc"))
+    ranks = ("rank1", "rank3", "grade", "frame_grade", "frame_peak", "pose_rank", "pose_rank60", "auc")
+    assert set(val) == {"loss", *ranks}
+    assert all(0.0 <= val[k] <= 1.0 for k in ranks)
 
 
 def test_random_lut_maps_into_unit_range():

@@ -94,6 +94,21 @@ class DsmTrainConfig(LoopConfig):
                                   "fixed image in any pose shows it; the target is unchanged by the frame)",
                                   range=(0.0, 1.0))
     max_frame_deg: float = param(180.0, "largest rotation of the sampling frame (degrees)", range=(0.0, 180.0))
+    pose_weight: float = param(0.0, "weight of the whole-image pose ranking term (0: off): at the coarsest spacing, "
+                               "the mean score of the same fixed patches must be higher at a pose nearer the truth "
+                               "on a straight path from a random rigid misalignment (the landscape the coarse "
+                               "rigid search climbs; single-patch targets do not see its local minima)",
+                               range=(0.0, 100.0))
+    pose_pairs: int = param(2, "pose pairs (near, far) per step", range=(1, 64))
+    pose_patches: int = param(24, "fixed patch centres shared by the two poses of a pair", range=(1, 512))
+    pose_max_deg: float = param(120.0, "largest rotation of a far pose (degrees, random axis)", range=(1.0, 180.0))
+    pose_max_mm: float = param(60.0, "largest translation of a far pose (mm)", range=(0.0, 500.0))
+    pose_temperature: float = param(0.05, "scale of the logistic ranking loss on the difference of mean "
+                                    "log-scores (near - far)", range=(1e-4, 10.0))
+    pose_hard: str = param("", "JSON of hard poses (python -m app.engine.training.dsm_poses): where the coarse "
+                           "rigid search of a network stopped short on training subjects; their pose pairs lie "
+                           "on the path from that stop to the truth (empty: random poses only)")
+    pose_hard_fraction: float = param(0.5, "share of the pose pairs drawn from pose_hard", range=(0.0, 1.0))
     multimodal_root: str = param("/work/shared/data/multimodal", "folder of aligned multimodal subjects")
     train_subjects: str = param("ms_cross_sectional_patient07,brats_tcga_du_7294",
                                 "aligned subjects trained on (comma separated folder names)")
