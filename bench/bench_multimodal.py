@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="", help="dsm checkpoint (default: the bundled one)")
     ap.add_argument("--dsm-params", default="", help="parameters given to both dsm-paradigm methods alike "
                     "(dsm and mi_adam: same optimiser, levels, patches), e.g. 'levels=4,2,1;iterations=40,40,30'")
+    ap.add_argument("--only-bands", default="", help="run the cases of these band indices only (comma separated, "
+                    "0-based): the draw is the same, so they are the same cases as in a full run")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the .jsonl next to --out")
     ap.add_argument("--shard", default="", help="K/N: run every N-th case from the K-th (0-based) into "
                     "OUT.shardK.jsonl; run the N shards side by side, then --merge N")
@@ -161,6 +163,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"no subject matches {args.subjects!r}")
     bands = tuple(tuple(float(x) for x in b.split(":")) for b in args.bands.split(","))
     cases = make_cases(subjects, per_band=args.per_band, bands=bands, seed=args.seed)
+    if args.only_bands:
+        keep = {int(b) for b in args.only_bands.split(",")}
+        cases = [c for c in cases if c.band in keep]
     jsonl = Path(args.out).with_suffix(".jsonl")
     if args.shard:
         k, n = (int(x) for x in args.shard.split("/"))
@@ -201,7 +206,8 @@ def write_report(rows, methods, args, out: Path) -> None:
              f"Command: `OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 nice -n 10 .venv/bin/python "
              f"bench/bench_multimodal.py --per-band {args.per_band} --spacing {args.spacing} --seed {args.seed}"
              f"{' --bands ' + args.bands if getattr(args, 'bands', '10:10,20:20,30:30') != '10:10,20:20,30:30' else ''}"
-             f"{' --subjects ' + args.subjects if args.subjects else ''} --methods {args.methods}"
+             f"{' --subjects ' + args.subjects if args.subjects else ''}"
+             f"{' --only-bands ' + args.only_bands if getattr(args, 'only_bands', '') else ''} --methods {args.methods}"
              f"{' --checkpoint ' + args.checkpoint if getattr(args, 'checkpoint', '') else ''}"
              f"{' --dsm-params ' + repr(args.dsm_params) if getattr(args, 'dsm_params', '') else ''}`",
              "",

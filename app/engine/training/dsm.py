@@ -27,9 +27,20 @@ slope around it; a wider ``sigma`` at a coarse scale keeps the slope over larger
 (graded targets: the score regresses how far off the patches are, Haskins et al. 2019). Loss: binary
 cross-entropy with logits on those soft targets.
 
+Whole-image poses (``pose_weight`` > 0): at the coarsest spacing the optimiser's patches cover most of
+the head, so its landscape is the mean score of a few patches at a whole-image pose, which single-patch
+targets do not shape. Each step adds ``pose_pairs`` pose pairs: ``pose_patches`` fixed patch centres, the
+moving image seen through a far pose and through a nearer pose on the straight path from it to the
+truth (:func:`partial_pose`), and the logistic ranking loss ``softplus(-(S_near - S_far) / temperature)``
+on their mean log-scores ``S`` (:func:`mean_log_score`). Far poses are random rigid misalignments, or,
+for a share ``pose_hard_fraction``, *hard poses*: where the coarse search of a network stopped short on a
+training subject (``pose_hard``, mined by :mod:`app.engine.training.dsm_poses`; their fixed image is the
+modality seen through the case's known transform, as in the benchmark).
+
 Validation (``validate``, held-out ``val_subjects``): the loss on a fixed set of samples; ``rank1``
 and ``rank3``: how often the aligned patch pair scores higher than the same centre displaced by 1 or
-3 voxels; ``auc``: aligned vs large offsets.
+3 voxels; ``auc``: aligned vs large offsets; ``pose_rank`` / ``pose_rank60``: how often the nearer of
+two whole-image poses on a path to the truth scores higher (far poses of any angle / of 60 degrees and more).
 """
 from __future__ import annotations
 
