@@ -78,3 +78,52 @@ def test_dsm_stops_when_its_score_says_the_images_correspond_and_mi_makes_every_
     assert len(res.params["coarse_runs"]) == 4
     _, res = _register({"coarse_restarts": 1})
     assert res.params["coarse_runs"] == []
+
+
+def test_restarts_compose_after_the_start_about_the_fixed_centre(spied):
+    # centre-of-mass prealignment (a translation S): run k starts at x -> S(R_k x), so the fixed centre of mass
+    # c goes where S sends it (R_k turns about c), and the linear part is R_k
+    from app.engine.datasets import center_of_mass
+    from app.engine.training.dsm import to_isotropic
+    fixed = oblique_volume()
+    shifted = Volume(1.0 - fixed.array, fixed.spacing, tuple(np.asarray(fixed.origin) + (6.0, -4.0, 3.0)),
+                     fixed.direction, "inverted, shifted")
+    reg = paradigms.get("dsm")
+    p = paradigms.make_params(reg.Params, {"levels": "2,1", "iterations": "2,2", "patches": 8, "coarse_patches": 8,
+                                           "similarity_map": False, "coarse_restarts": 2, "restart_loss": 0.0})
+    reg.register(fixed, shifted, p, device="cpu")
+    coarse = [c for c in spied if c[0] == (2,)]
+    s = coarse[0][1]
+    assert np.allclose(s[:3, :3], np.eye(3)) and np.linalg.norm(s[:3, 3]) > 1.0     # the prealignment
+    c = np.asarray(center_of_mass(to_isotropic(fixed, 4.0)))
+    m = coarse[1][1]
+    assert np.allclose(m[:3, :3] @ c + m[:3, 3], s[:3, :3] @ c + s[:3, 3], atol=1e-6)
+    assert not np.allclose(m[:3, :3], np.eye(3))
+
+
+@pytest.mark.parametrize("kind", ["affine", "composite", "displacement"])
+def test_restarts_accept_any_initial_transform(kind):
+    # a pipeline stage may hand dsm an affine, a composite or a deformable start
+    from app.engine.synthetic import matrix_to_transform
+    from app.engine.types import Transform
+    fixed = oblique_volume()
+    moving = fixed.with_array(1.0 - fixed.array, "inverted")
+    aff = np.eye(4)
+    aff[:3, :3] = np.diag([1.05, 0.97, 1.0])
+    aff[:3, 3] = (2.0, -1.0, 0.5)
+    if kind == "affine":
+        initial = matrix_to_transform(aff)
+    elif kind == "composite":
+        initial = matrix_to_transform(aff).then(Transform(sitk.TranslationTransform(3, (1.0, 0.0, -2.0))))
+    else:
+        comps = [sitk.Image([int(v) for v in fixed.shape[::-1]], sitk.sitkFloat64) + d for d in (0.5, -0.3, 0.2)]
+        field = sitk.Compose(*comps)                  # a constant displacement, as a deformable stage's field
+        field.CopyInformation(fixed.to_sitk(sitk.sitkFloat32))
+        initial = Transform(sitk.DisplacementFieldTransform(field))
+    reg = paradigms.get("dsm")
+    p = paradigms.make_params(reg.Params, {"levels": "2,1", "iterations": "2,2", "similarity": "mi",
+                                           "coarse_restarts": 2, "similarity_map": False})
+    res = reg.register(fixed, moving, p, initial=initial, device="cpu")
+    runs = res.params["coarse_runs"]
+    assert len(runs) == 2 and all(np.isfinite(r["lattice_loss"]) for r in runs)
+    assert sum(r["kept"] for r in runs) == 1

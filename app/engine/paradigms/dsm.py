@@ -60,7 +60,8 @@ class DsmParams:
                                  "P says the images correspond); mi, whose value has no such scale, makes every run. "
                                  "3 (vs 1) on held-out cases at 90-105 deg: dsm 3/10 (0/10), mi 6/10 (2/10); ~26 CPU s "
                                  "at small angles, ~40 where the coarse level does not land "
-                                 "(bench/results/multimodal_restarts_*.md)", range=(1, 16))
+                                 "(bench/results/multimodal_restarts_*.md). Needs several levels and "
+                                 "coarse_learning_rate > 0 (the coarsest level is run on its own)", range=(1, 16))
     restart_deg: float = param(30.0, "rotation (degrees) of the start of each coarse restart", range=(0.0, 180.0))
     restart_loss: float = param(0.02, "dsm: mean -log P(correspond) on the coarse lattice below which the coarse "
                                 "level is taken as landed (no restart); calibrated on the training subjects: ~0.004-"
@@ -304,22 +305,45 @@ class DsmRegistrar:
     def _coarse_search(self, p: DsmParams, fixed_w: Volume, moving: Volume, start: Transform, shrink: int,
                        iterations: int, opts: dict, n_runs: int, total: int, progress, cancel, device):
         """The first (coarsest) pyramid level, restarted up to ``n_runs`` times; returns (the kept
-        optimisation result, one record per run: start rotation, lattice loss, seconds).
+        optimisation result, one record per run: start rotation, lattice loss, seconds; empty for one run).
 
-        Run k > 0 starts from ``start . R_k``: ``R_k`` turns the fixed image by ``restart_deg`` about a
-        seeded random axis through the fixed centre of mass (the same axes for dsm and mi), and draws new
-        patches (dsm: ``seed + k``). Every result is scored with the same similarity on a fixed lattice of
-        patch centres (:func:`app.engine.optimise_probes.similarity_profile`: like with like); the lowest
-        loss is kept. dsm stops once a run's loss is below ``restart_loss``: its score is a probability
-        of correspondence, so a low loss says the level landed; mi makes every run.
+        Run k > 0 starts from ``start . R_k`` (``x -> start(R_k x)``, any ``start``: a pipeline's affine or
+        deformable one too): ``R_k`` turns the fixed image by ``restart_deg`` about a seeded random axis
+        through the fixed centre of mass (the same axes for dsm and mi), and draws new patches (dsm:
+        ``seed + k``). Every result is scored with the same similarity on a fixed lattice of patch centres
+        (:func:`app.engine.optimise_probes.similarity_profile`: like with like; through the result's matrix
+        when it is linear, else on the moving image resampled through it); the lowest loss is kept (a NaN
+        loss counts as the worst). dsm stops once a run's loss is below ``restart_loss``: its score is a
+        probability of correspondence, so a low loss says the level landed; mi makes every run.
         """
         from ..datasets import center_of_mass
         from ..optimise import optimise
         from ..optimise_probes import similarity_profile
-        from ..synthetic import about_centre, axis_angle_matrix, matrix_to_transform, transform_to_matrix
+        from ..spatial import resample
+        from ..synthetic import about_centre, axis_angle_matrix, matrix_to_transform
 
+        def run(k: int, init: Transform, o: dict):
+            done = k * iterations
+            return optimise(fixed_w, moving, "rigid", initial=init, similarity=p.similarity, sim_options=o,
+                            levels=(shrink,), iterations=(iterations,), optimizer="adam", lr=p.coarse_learning_rate,
+                            percentile=99.0, progress=progress, cancel=cancel, device=device, stage="rigid",
+                            fraction=(done / total, (done + iterations) / total))
+
+        if n_runs == 1:
+            return run(0, start, opts), []
         lattice = {**opts, "sampling": "lattice"} if opts else {}
-        s0 = transform_to_matrix(start)
+
+        def score(t: Transform) -> float:
+            m = linear_matrix(t)
+            if m is not None:
+                loss = similarity_profile(fixed_w, moving, [m], similarity=p.similarity, sim_options=lattice,
+                                          level=shrink, device=device)[0]
+            else:
+                warped = resample(moving, fixed_w, t, "linear")
+                loss = similarity_profile(fixed_w, warped, [np.eye(4)], similarity=p.similarity,
+                                          sim_options=lattice, level=shrink, device=device)[0]
+            return float(loss) if np.isfinite(loss) else float("inf")
+
         centre = np.asarray(center_of_mass(fixed_w), float)
         rng = np.random.default_rng(p.seed + 7919)
         best, best_loss, runs = None, np.inf, []
@@ -329,32 +353,40 @@ class DsmRegistrar:
             init, o = start, opts
             axis = rng.normal(size=3)           # drawn for every run: the axes do not depend on when dsm stops
             if k > 0:
-                m = s0 @ about_centre(axis_angle_matrix(axis / np.linalg.norm(axis), p.restart_deg), centre)
-                init = Transform(matrix_to_transform(m).itk, "rigid")       # warped(x) = moving(S(R_k x))
+                turn = about_centre(axis_angle_matrix(axis / np.linalg.norm(axis), p.restart_deg), centre)
+                s0 = linear_matrix(start)
+                # warped(x) = moving(start(R_k x)): one matrix when the start is linear (the model folds it in)
+                init = (Transform(matrix_to_transform(s0 @ turn).itk) if s0 is not None
+                        else start.then(Transform(matrix_to_transform(turn).itk)))
                 o = {**opts, "seed": int(opts["seed"]) + k} if opts else opts
-            done = k * iterations
-            r = optimise(fixed_w, moving, "rigid", initial=init, similarity=p.similarity, sim_options=o,
-                         levels=(shrink,), iterations=(iterations,), optimizer="adam", lr=p.coarse_learning_rate,
-                         percentile=99.0, progress=progress, cancel=cancel, device=device, stage="rigid",
-                         fraction=(done / total, (done + iterations) / total))
-            if n_runs == 1:
-                return r, []
-            loss = float(similarity_profile(fixed_w, moving, [transform_to_matrix(r.transform)],
-                                            similarity=p.similarity, sim_options=lattice, level=shrink,
-                                            device=device)[0])
+            r = run(k, init, o)
+            loss = score(r.transform)
             runs.append({"run": k, "start_deg": 0.0 if k == 0 else float(p.restart_deg), "lattice_loss": loss,
                          "seconds": round(time.perf_counter() - t_run, 2)})
-            if loss < best_loss:
+            if best is None or loss < best_loss:
                 best, best_loss = r, loss
             if p.similarity == "dsm" and loss < p.restart_loss:
                 break
-        for rec in runs:
-            rec["kept"] = rec["lattice_loss"] == best_loss
-        if progress and len(runs) > 1:
+        kept = next(i for i, x in enumerate(runs) if x["lattice_loss"] == best_loss)
+        for i, rec in enumerate(runs):
+            rec["kept"] = i == kept
+        if progress:
             progress(Progress("setup", 0, 0, best_loss, (n_runs * iterations) / total,
-                              f"dsm: {len(runs)} coarse runs, kept run {next(x['run'] for x in runs if x['kept'])} "
-                              f"(lattice loss {best_loss:.4f})"))
+                              f"dsm: {len(runs)} coarse run(s), kept run {kept} (lattice loss {best_loss:.4f})"))
         return best, runs
+
+
+def linear_matrix(t: Transform):
+    """The 4x4 matrix (fixed -> moving points, LPS mm) of ``t`` when every part of it is linear (a
+    composite of linear transforms included), else None (a displacement or B-spline part)."""
+    import SimpleITK as sitk
+    from ..synthetic import transform_to_matrix
+    from ..types import _infer_kind
+    parts = ([t.itk.GetNthTransform(i) for i in range(t.itk.GetNumberOfTransforms())]
+             if isinstance(t.itk, sitk.CompositeTransform) else [t.itk])
+    if all(_infer_kind(q) in ("identity", "rigid", "affine") for q in parts):
+        return transform_to_matrix(Transform(t.itk, "affine"))
+    return None
 
 
 def agreement_map(net, fixed: Volume, moving: Volume, transform: Transform, spacing_mm: float,

@@ -301,14 +301,14 @@ class DsmTrainer(Trainer):
         from scipy.spatial.transform import Rotation
         records = json.loads(Path(path).read_text())
         by_name = {s["name"]: s for s in self.train_sets + self.ixi_sets}
-        out, missing = [], set()
+        out, missing = [], []
         for rec in records:
             if not rec.get("kept", True):
                 continue
             s = by_name.get(rec["set"])
             if s is None or rec["fixed"] not in s["scales"][0] or (rec["lut_seed"] is None and
                                                                    rec["moving"] not in s["scales"][0]):
-                missing.add(rec["set"])
+                missing.append(f"{rec['set']}:{rec['fixed']}:{rec['moving']}")
                 continue
             g = s["coarse_grid"]
             gi = np.linalg.inv(g)
@@ -318,7 +318,9 @@ class DsmTrainer(Trainer):
             deg = float(np.degrees(np.linalg.norm(Rotation.from_matrix(residual[:3, :3]).as_rotvec())))
             out.append({**rec, "set_ref": s, "frame_v": frame, "pose_v": pose, "residual_deg": deg})
         if missing:
-            log.warning("pose_hard: %d record(s) of sets not loaded (%s) skipped", len(missing), ", ".join(sorted(missing)))
+            log.warning("pose_hard: %d record(s) skipped: their set or image is not loaded (set:fixed:moving %s; "
+                        "IXI T1_stripped needs ixi_strip > 0 and the subject among ixi_subjects)", len(missing),
+                        ", ".join(sorted(set(missing))))
         if not out and records:
             raise ValueError(f"pose_hard {path}: none of its hard poses belongs to a loaded training set")
         return out
@@ -621,7 +623,8 @@ class DsmTrainer(Trainer):
                     n60 += 1
                     wins60 += int(s[0] > s[1])
             out["pose_rank"] = wins / 48
-            out["pose_rank60"] = wins60 / max(n60, 1)
+            if n60:
+                out["pose_rank60"] = wins60 / n60
             pos = [self._draw(rng, self.val_sets, False, kind="zero")[0] for _ in range(64)]
             neg = [self._draw(rng, self.val_sets, False, kind="large")[0] for _ in range(64)]
             lp = self.model(torch.as_tensor(np.stack(pos), device=self.device)).float().cpu().numpy()

@@ -66,9 +66,9 @@ def _volumes(spec: dict, root: Path, ixi_root: Path, spacing: float, cache: dict
 def mine(specs: list[dict], checkpoint=None, seed: int = 0, bands=((45.0, 130.0), (20.0, 60.0)),
          iterations: int = 150, lr: float = 3.0, patches: int = 32, threshold_mm: float = 3.0,
          root: str = "/work/shared/data/multimodal", ixi_root: str = "", log=print) -> list[dict]:
-    """Run the coarse dsm search on each spec (one start each, drawn from ``seed``) and return the
-    records of those that stopped more than ``threshold_mm`` from the truth (all carry ``err_mm``;
-    ``kept`` says which pass the threshold)."""
+    """Run the coarse dsm search on each spec (one start each, drawn from ``seed``) and return a record
+    for every run (``err_mm``: where it stopped; ``kept``: more than ``threshold_mm`` from the truth,
+    the hard poses the trainer reads)."""
     import SimpleITK as sitk
 
     from ..datasets import DEFAULT_IXI_ROOT, center_of_mass
