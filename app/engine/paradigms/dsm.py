@@ -301,7 +301,6 @@ class DsmRegistrar:
                                   warped_labels=warped_labels, warnings=list(warnings), similarity_map=sim_map,
                                   checks=checks)
 
-
     def _coarse_search(self, p: DsmParams, fixed_w: Volume, moving: Volume, start: Transform, shrink: int,
                        iterations: int, opts: dict, n_runs: int, total: int, progress, cancel, device):
         """The first (coarsest) pyramid level, restarted up to ``n_runs`` times; returns (the kept
