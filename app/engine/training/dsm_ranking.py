@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def _coarse_grid(v: Volume, spacing_mm: float) -> np.ndarray:
-    """4x4 zyx index -> xyz physical matrix of ``v``'s isotropic grid at ``spacing_mm`` (:func:`to_isotropic`)."""
+    """4x4 zyx index -> xyz physical matrix of ``v``'s isotropic grid at ``spacing_mm``
+    (:func:`app.engine.training.dsm.to_isotropic`)."""
     from ..nn.geometry import grid_matrix
     img = v.to_sitk(sitk.sitkFloat32)
     size = [max(4, int(round(s * p / spacing_mm))) for s, p in zip(img.GetSize(), img.GetSpacing())]
